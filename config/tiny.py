@@ -1,0 +1,18 @@
+# A tiny Phi on the synthetic XML/MDX/JS corpus: the whole pipeline on a laptop CPU in a few minutes.
+# python train.py config/tiny.py
+out_dir = "out/tiny"
+data_dir = "data/tiny"
+synthetic_docs = 3000        # prepared into data_dir on first use, no download
+tokenizer_vocab = 2048
+model_preset = "tiny"        # 4 layers, 128 wide
+max_iters = 600
+eval_interval = 100
+eval_iters = 4
+ckpt_interval = 200
+log_interval = 50
+batch_size = 8
+block_size = 128
+learning_rate = 3e-3         # tiny models take a large LR
+min_lr = 3e-4
+warmup_iters = 50
+dtype = "float32"            # CPUs gain nothing from bf16 autocast here

@@ -1,0 +1,164 @@
+"""train.py as users run it: configs and their errors, loss equivalence across parallelism, early stopping, signals."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import QUICK, ROOT, free_port, read_jsonl, run_train, train_losses
+
+import train
+
+
+# -- config --------------------------------------------------------------------------------------------------------
+
+def test_config_files_then_flags_override(tmp_path):
+    extra = tmp_path / "extra.py"
+    extra.write_text("batch_size = 3\nlearning_rate = 1  # an int where a float is expected is fine\n")
+    cfg = train.load_config(["config/tiny.py", str(extra), "--batch_size=5", "--mixture={'xml': 1.0}"])
+    assert (cfg.batch_size, cfg.learning_rate, cfg.mixture, cfg.max_iters) == (5, 1.0, {"xml": 1.0}, 600)
+
+
+def test_phi2_configs_resolve():
+    big = train.load_config(["config/phi2_xml.py"])
+    one = train.load_config(["config/phi2_xml_1gpu.py"])
+    assert (big.expand_layers, big.block_size, big.learning_rate, big.warmup_iters) == (5, 32768, 1e-4, 1000)
+    assert big.batch_size * big.grad_accum * 8 == one.batch_size * one.grad_accum  # same global batch
+
+
+@pytest.mark.parametrize("args, message", [
+    (["config/tiny.py", "--batch_szie=4"], "unknown config key 'batch_szie' in flag --batch_szie=4; did you mean 'batch_size'?"),
+    (["config/tiny.py", "--batch_size=four"], "config key 'batch_size' in flag --batch_size=four must be int, got str 'four'"),
+    (["config/nope.py"], "config file 'config/nope.py' not found; pass a path such as config/tiny.py"),
+    (["config/tiny.py", "--batch_size=0"], "config key 'batch_size' must be > 0, got 0"),
+    (["config/tiny.py", "--fsdp=zero3"], "config key 'fsdp' must be one of full_shard, shard_grad_op, hybrid, none, got 'zero3'"),
+])
+def test_config_errors_are_one_line(args, message):
+    r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: {message}"
+
+
+def test_lr_schedules():
+    cfg = train.Config(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert train.get_lr(cfg, 0, 1.0) == pytest.approx(0.1)
+    assert train.get_lr(cfg, 9, 1.0) == pytest.approx(1.0)
+    assert train.get_lr(cfg, 60, 1.0) == pytest.approx(0.55)  # halfway through the cosine
+    assert train.get_lr(cfg, 110, 0.5) == pytest.approx(0.05)
+    wsd = train.Config(learning_rate=1.0, min_lr=0.0, warmup_iters=10, max_iters=100, lr_schedule="wsd", wsd_decay_frac=0.2)
+    assert [train.get_lr(wsd, s, 1.0) for s in (50, 79, 90, 100)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+
+
+def test_guard_skips_spikes_and_nan():
+    cfg, es = train.Config(guard_warmup=5), train.EarlyStop()
+    for i in range(10):
+        assert train.guard_verdict(es, cfg, 3.0 + 0.01 * (i % 2), 1.0) is None
+    assert "non-finite" in train.guard_verdict(es, cfg, float("nan"), 1.0)
+    assert "std above its running mean" in train.guard_verdict(es, cfg, 9.0, 1.0)
+    assert "grad norm" in train.guard_verdict(es, cfg, 3.0, 50.0)
+    assert es.good_steps == 10  # skipped steps do not move the statistics
+
+
+# -- loss equivalence across parallelism (same global batch, seed and data) ----------------------------------------
+
+def quick(tmp_path, tiny_data, name, *extra, nproc=1, check=True):
+    out = str(tmp_path / name)
+    r = run_train([*QUICK, f"--out_dir={out}", f"--data_dir={tiny_data}", *extra], nproc=nproc, check=check)
+    return out, r
+
+
+def first_losses(out, n=10):
+    losses = train_losses(out)
+    return [losses[s] for s in range(1, n + 1)]
+
+
+def test_loss_equivalence_fsdp_and_accumulation(tmp_path, tiny_data):
+    args = ["--max_iters=10", "--eval_interval=1000", "--ckpt_interval=1000"]
+    ref = first_losses(quick(tmp_path, tiny_data, "none", *args, "--fsdp=none")[0])
+    full = first_losses(quick(tmp_path, tiny_data, "full", *args, "--batch_size=2", nproc=2)[0])
+    grad_op = first_losses(quick(tmp_path, tiny_data, "grad_op", *args, "--batch_size=2", "--fsdp=shard_grad_op", nproc=2)[0])
+    accum = first_losses(quick(tmp_path, tiny_data, "accum", *args, "--fsdp=none", "--batch_size=1", "--grad_accum=4")[0])
+    assert ref[-1] < ref[0]  # it learns
+    for other in (full, grad_op, accum):
+        assert max(abs(a - b) for a, b in zip(ref, other)) <= 1e-4, (ref, other)
+
+
+def test_activation_checkpointing_keeps_losses(tmp_path, tiny_data):
+    args = ["--max_iters=5", "--eval_interval=1000", "--ckpt_interval=1000", "--fsdp=none"]
+    ref = first_losses(quick(tmp_path, tiny_data, "ac_none", *args)[0], 5)
+    for mode in ("full", "selective"):
+        got = first_losses(quick(tmp_path, tiny_data, f"ac_{mode}", *args, f"--activation_checkpointing={mode}")[0], 5)
+        assert max(abs(a - b) for a, b in zip(ref, got)) <= 1e-5
+
+
+# -- early stopping ------------------------------------------------------------------------------------------------
+
+def summary(out):
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+def events(out):
+    return [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "event" in r]
+
+
+def test_plateau_cuts_lr_then_stops(tmp_path, tiny_data):
+    # LR 0: the val loss cannot move, so every eval after the first is a plateau
+    out, r = quick(tmp_path, tiny_data, "plateau", "--max_iters=100", "--learning_rate=1e-12", "--min_lr=0",
+                   "--eval_interval=2", "--ckpt_interval=50", "--patience=2", "--max_lr_reductions=1", "--min_delta=0.01")
+    kinds = [e["event"] for e in events(out)]
+    assert kinds == ["lr_reduced", "stop"]
+    reason = summary(out)["stop_reason"]
+    assert reason.startswith("early stop: val_loss did not improve by 0.01 for 2 evals (best ") and "at step 0)" in reason
+    assert summary(out)["steps"] == 8  # evals at 0 (best), 2, 4 (cut), 6, 8 (stop)
+    assert "stopped at step 8: early stop" in r.stdout
+
+
+def test_nan_step_is_skipped(tmp_path, tiny_data):
+    out, _ = quick(tmp_path, tiny_data, "nan", "--max_iters=12", "--eval_interval=100", "--ckpt_interval=100",
+                   "--fault_nan_steps=[5]")
+    skips = [e for e in events(out) if e["event"] == "skip"]
+    assert len(skips) == 1 and skips[0]["step"] == 4 and "non-finite loss" in skips[0]["reason"]  # attempt 5 trains step 4
+    assert summary(out)["steps"] == 12 and summary(out)["stop_reason"] == "reached max_iters=12"
+    assert all(math.isfinite(v) for v in train_losses(out).values())
+
+
+def test_repeated_divergence_rolls_back_then_stops(tmp_path, tiny_data):
+    out, _ = quick(tmp_path, tiny_data, "diverge", "--max_iters=40", "--eval_interval=100", "--ckpt_interval=4",
+                   f"--fault_nan_steps={list(range(6, 40))}", "--max_skips=2", "--max_rollbacks=2")
+    kinds = [e["event"] for e in events(out)]
+    assert kinds.count("rollback") == 2 and kinds[-1] == "stop"
+    rollbacks = [e for e in events(out) if e["event"] == "rollback"]
+    assert all(e["step"] == 4 and "back to step-000004" in e["reason"] for e in rollbacks)
+    assert "LR scale 0.25" in rollbacks[1]["reason"]
+    assert summary(out)["stop_reason"].startswith("diverged: 2 rollbacks did not help (non-finite loss")
+
+
+# -- signals -------------------------------------------------------------------------------------------------------
+
+def test_sigterm_two_ranks_saves_and_exits_zero(tmp_path, tiny_data):
+    import ckpt
+    out = str(tmp_path / "sigterm")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "train.py", *QUICK, f"--out_dir={out}", f"--data_dir={tiny_data}", "--max_iters=100000",
+           "--eval_interval=100000", "--ckpt_interval=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 180
+    while time.time() < deadline and not (os.path.exists(metrics) and len(train_losses(out)) >= 3):
+        time.sleep(0.5)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(int(pid), signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log[-3000:]
+    assert "stopped at step" in log and "signal SIGTERM" in log
+    path = ckpt.find_resume(out, "auto")
+    assert path is not None and ckpt.verify(path) == []
+    assert summary(out)["stop_reason"] == "signal SIGTERM"
