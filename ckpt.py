@@ -7,15 +7,18 @@ Usage:
 
 Layout:
   {out_dir}/ckpt/step-000123/
-    shard-00001-model-00001-of-00001.safetensors   one file per rank that holds data (DCP, HF storage format)
+    shard-0000R-model-00001-of-00001.safetensors   rank R-1's model + optimizer tensors (DCP, HF storage
+                                                   layout: keys model.<fqn>, optim.<fqn>.<exp_avg|...>)
     train_state.json                               what train.py passed + "ckpt": RNG of every rank, optimizer
                                                    param_groups, world size, metric
-    manifest.json                                  size + crc32 of every other file; written last
+    manifest.json                                  size + crc32 per 32 MiB of every other file; written last
   {out_dir}/ckpt/latest                            name of the newest committed checkpoint (atomic replace)
 
-No pickle anywhere: DCP's HuggingFaceStorageWriter/Reader keep shapes, dtypes and shard offsets in the
-safetensors JSON headers (it writes no pickled .metadata file), tensors are the only thing DCP stores, and
-every non-tensor (optimizer param_groups, RNG, train state) is JSON.
+No pickle on disk: DCP's pickled .metadata file is never written. The HF storage layout keeps shapes, dtypes
+and shard offsets in each safetensors JSON header, and HuggingFaceStorageReader rebuilds DCP's metadata from
+those headers, so loading parses only safetensors and JSON. Tensors are the only thing DCP stores; every
+non-tensor (optimizer param_groups, RNG, train state) is JSON. (DCP still exchanges its plans between the
+ranks of the running job with all_gather_object; that never touches a file.)
 The crc32 guards against truncation and bit rot, not against an attacker: safetensors + JSON already make a
 hostile file harmless to parse.
 
@@ -35,15 +38,19 @@ import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint._hf_utils import _gen_file_name
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.futures import Future
 
 
 class CheckpointError(RuntimeError):
@@ -55,6 +62,7 @@ RETRIES = 4  # attempts for transient I/O errors, backoff 0.5s, 1s, 2s
 CHUNK = 32 << 20  # the manifest keeps a crc32 per 32 MiB, so checksumming runs on all cores
 _POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
 _pending = None  # (future, commit) of an async save still writing
+_verified = set()  # stat keys of checkpoints verified by this process: find_resume + load read the data once
 _async_group = None  # gloo group, so async writes never share a stream with training collectives
 
 
@@ -122,49 +130,45 @@ def _file_entry(path):
     return {"size": os.path.getsize(path), "crc32": _crc32s(path)}
 
 
-class _CrcWriter:
-    """A file that keeps the crc32 of each CHUNK of what is written to it, hashing alongside the write."""
+class _Writer(HuggingFaceStorageWriter):
+    """DCP's HF-format writer with each rank file written by safetensors.save_file straight from the tensors
+    (DCP's own path serialises a full copy in memory first), fsynced, then checksummed for the manifest."""
 
-    def __init__(self, f):
-        self.f, self.crcs, self.fill = f, [0], 0
-
-    def write(self, b):
-        view, segs = memoryview(b).cast("B"), []
-        while len(view):  # split at chunk boundaries; only the first piece continues an earlier crc
-            if self.fill == CHUNK:
-                self.crcs.append(0)
-                self.fill = 0
-            take = min(CHUNK - self.fill, len(view))
-            segs.append((len(self.crcs) - 1, _POOL.submit(zlib.crc32, view[:take], self.crcs[-1])))
-            self.fill, view = self.fill + take, view[take:]
-        n = self.f.write(b)
-        for i, fut in segs:
-            self.crcs[i] = fut.result()
-        return n
-
-    def hexes(self):
-        return [f"{c:08x}" for c in self.crcs] if self.fill else []
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
-class _CrcFileSystem(FileSystem):
-    """DCP's file system, checksumming each file as it is written, so the manifest needs no second read."""
-
-    def __init__(self):
-        super().__init__()
+    def __init__(self, path):
+        super().__init__(path, save_distributed=True)
         self.sums = {}
 
-    @contextmanager
-    def create_stream(self, path, mode):
-        with super().create_stream(path, mode) as f:
-            if "w" not in mode:
-                yield f
-                return
-            w = _CrcWriter(f)
-            yield w
-        self.sums[os.path.basename(path)] = {"size": os.path.getsize(path), "crc32": w.hexes()}
+    def write_data(self, plan, planner):
+        results = []
+        if plan.items:  # ranks whose tensors DCP deduplicated away write no file
+            name = _gen_file_name(1, 1, plan.storage_data["shard_index"])
+            path = os.path.join(self.path, name)
+            tensors, offsets = {}, {}
+            for item in plan.items:
+                t = planner.resolve_data(item).detach().cpu().contiguous()
+                if t.untyped_storage().nbytes() != t.nbytes:  # a view (e.g. of FSDP padding): own storage
+                    t = t.clone()
+                tensors[item.index.fqn] = t
+                offsets[item.index.fqn] = {"saved_offsets": list(item.tensor_data.chunk.offsets)}
+                results.append(WriteResult(index=item.index, size_in_bytes=t.nbytes,
+                                           storage_data=_StorageInfo(name, 0, t.nbytes)))
+            try:
+                save_file(tensors, path, metadata={"DCP_SHARDING_INFO": json.dumps(offsets), "DCP_VERSION": "1.0",
+                                                   "format": "pt"})
+            except SafetensorError as e:  # its I/O errors carry the errno only in the text
+                m = re.search(r"os error (\d+)", str(e))
+                raise OSError(int(m.group(1)) if m else errno.EIO, str(e)) from None
+            synced = _POOL.submit(_fsync_file, path)  # checksum from the page cache while the disk flushes
+            self.sums[name] = _file_entry(path)
+            synced.result()
+        future = Future()
+        future.set_result(results)
+        return future
+
+
+def _fsync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path):
@@ -268,19 +272,20 @@ def save(out_dir, step, model, optimizer, train_state, metric=None, keep_last=3,
     final = os.path.join(root, f"step-{step:06d}")
     tmp = final + ".tmp"
     os.makedirs(root, exist_ok=True)
-    try:
-        json.dumps(train_state)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"train_state is not JSON-able: {e}") from e
     tensors, groups, had_state = _state(model, optimizer)
     info = _gather({"rng": _rng_state(), "bytes": _local_bytes(tensors), "free": _free_bytes(root)})
-    need = int(sum(i["bytes"] for i in info) * 1.02) + (1 << 20)  # safetensors headers + JSON
+    need = int(sum(i["bytes"] for i in info) * 1.01) + (64 << 10) * world  # + headers, JSON with RNG states
     free = min(i["free"] for i in info)
     if free < need:
-        raise CheckpointError(f"not enough disk space in {root}: checkpoint needs ~{need / 1e9:.2f} GB, "
-                              f"{free / 1e9:.2f} GB free; free space or lower keep_last")
+        raise CheckpointError(f"not enough disk space in {root}: checkpoint needs ~{need / 1e6:.1f} MB, "
+                              f"{free / 1e6:.1f} MB free; free space or lower keep_last")
+    metric = None if metric is None else float(metric)
     state = dict(train_state, ckpt={"rng": [i["rng"] for i in info], "param_groups": groups,
                                     "optim_state": had_state, "world_size": world, "metric": metric})
+    try:  # every rank checks, so no rank is left waiting for a rank 0 that failed
+        json.dumps(state)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"train_state is not JSON-able: {e}") from e
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
         os.makedirs(tmp)
@@ -291,16 +296,9 @@ def save(out_dir, step, model, optimizer, train_state, metric=None, keep_last=3,
             shutil.rmtree(tmp, ignore_errors=True)
 
     def commit():
-        err = None
-        try:
-            sums = {name: writer.fs.sums.get(name) or _file_entry(os.path.join(tmp, name))
-                    for name in sorted(os.listdir(tmp)) if name.startswith(f"shard-{rank + 1:05d}-")}
-        except OSError as e:
-            err = f"reading back {tmp} failed: {e}"
-        results = _gather((sums, err) if err is None else (None, err))
-        err = next((e for _, e in results if e), None)
-        if rank == 0 and err is None:
-            files = {k: v for s, _ in results for k, v in s.items()}
+        results, err = _gather(writer.sums), None
+        if rank == 0:
+            files = {k: v for sums in results for k, v in sums.items()}
             try:
                 _retry(lambda: _commit(root, tmp, final, step, metric, world, state, files), f"committing {final}")
                 _retain(root, final, keep_last, keep_best)
@@ -311,8 +309,7 @@ def save(out_dir, step, model, optimizer, train_state, metric=None, keep_last=3,
             cleanup()
             raise CheckpointError(err)
 
-    writer = HuggingFaceStorageWriter(tmp, save_distributed=True)
-    writer.fs = _CrcFileSystem()
+    writer = _Writer(tmp)
     if async_save and torch.cuda.is_available():
         global _pending, _async_group
         if world > 1 and _async_group is None:
@@ -327,7 +324,8 @@ def save(out_dir, step, model, optimizer, train_state, metric=None, keep_last=3,
 
 
 def wait():
-    """Finish and commit an async save still in flight (collective; no-op if none)."""
+    """Finish and commit an async save still in flight (collective; no-op if none). Call it once after the
+    training loop when saving with async_save; save, load and find_resume call it first themselves."""
     global _pending
     if _pending is not None:
         _, finish = _pending
@@ -359,6 +357,8 @@ def _dcp_call(fn, what, cleanup=None):
         exc = next(iter(e.failures.values()))[0]
         if cleanup is not None:
             cleanup()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise CheckpointError(f"{what} failed: disk full; free space or lower keep_last") from None
         raise CheckpointError(f"{what} failed: {type(exc).__name__}: {exc}".splitlines()[0]) from None
 
 
@@ -450,10 +450,23 @@ def _check(path, part, nparts):
     return problems
 
 
+def _stat_key(path):
+    try:
+        return os.path.realpath(path), tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns, e.stat().st_ino)
+                                                    for e in os.scandir(path)))
+    except OSError:
+        return None
+
+
 def _verify_all(path):
-    """verify() with the reading split across ranks (collective)."""
+    """verify() with the reading split across ranks (collective). Skips the reading when this process
+    verified the same files (same names, sizes, mtimes, inodes) before."""
     rank, world = _rank_world()
-    return [p for ps in _gather(_check(path, rank, world)) for p in ps]
+    key = _stat_key(path)
+    problems = [p for ps in _gather([] if key in _verified else _check(path, rank, world)) for p in ps]
+    if not problems and key is not None:
+        _verified.add(key)
+    return problems
 
 
 def find_resume(out_dir, resume="auto"):
@@ -462,6 +475,7 @@ def find_resume(out_dir, resume="auto"):
     auto: the newest checkpoint under {out_dir}/ckpt that verifies; skipped ones get a warning with the reason.
     A path must verify, else CheckpointError.
     """
+    wait()  # an async save still writing becomes a candidate first
     if resume == "never":
         return None
     if resume != "auto":
@@ -486,6 +500,7 @@ def find_resume(out_dir, resume="auto"):
 def load(path, model, optimizer):
     """Load checkpoint `path` into model and optimizer (any world size), restore this rank's RNG, and return
     the train state dict (what save() got, plus "ckpt"). Verifies first (collective)."""
+    wait()
     problems = _verify_all(path)
     if problems:
         raise CheckpointError(f"cannot load {path}: {problems[0]}")
@@ -493,13 +508,13 @@ def load(path, model, optimizer):
     state = _read_json(os.path.join(path, "train_state.json"))
     meta = state["ckpt"]
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    if len(meta["param_groups"]) != len(optim_sd["param_groups"]):
+        raise CheckpointError(f"{path} has {len(meta['param_groups'])} optimizer param groups, "
+                              f"the optimizer has {len(optim_sd['param_groups'])}")
     tensors = {"model": model_sd}
     if meta["optim_state"]:
         tensors["optim"] = optim_sd["state"]
     _dcp_call(lambda: dcp.load(tensors, storage_reader=HuggingFaceStorageReader(path)), f"loading {path}")
-    if len(meta["param_groups"]) != len(optim_sd["param_groups"]):
-        raise CheckpointError(f"{path} has {len(meta['param_groups'])} optimizer param groups, "
-                              f"the optimizer has {len(optim_sd['param_groups'])}")
     groups = [{k: tuple(v) if isinstance(cur.get(k), tuple) else v for k, v in saved.items()}
               for saved, cur in zip(meta["param_groups"], optim_sd["param_groups"])]
     set_state_dict(model, optimizer, model_state_dict=tensors["model"],
@@ -627,7 +642,8 @@ def bench_io(tmp_dir, n_params=32 << 20, repeats=3):
 
     python -c "import ckpt; print(ckpt.bench_io('/tmp'))"
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    os.makedirs(tmp_dir, exist_ok=True)
     width = 2048
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(n_params // width**2)])
     opt = torch.optim.AdamW(model.parameters())
@@ -692,7 +708,7 @@ def cmd_ls(out_dir):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\nLayout")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("export", help="write an HF model dir from a training checkpoint")

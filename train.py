@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
+from transformers import AutoTokenizer
 
 import ckpt
 from data.loader import DataError, TokenLoader, read_meta, val_batches
@@ -48,6 +49,8 @@ class Config:
     max_iters: int = 1000                 # optimizer steps
     eval_interval: int = 100              # steps between evals; early stopping decides at each eval
     eval_iters: int = 8                   # val batches per language per eval
+    eval_domain_prompts: int = 0          # >0: also score XML/MDX/JS validity of greedy completions ("domain_valid", ...)
+    eval_domain_tokens: int = 128         # tokens generated per domain prompt
     ckpt_interval: int = 500              # steps between checkpoints; one is also written at the end
     log_interval: int = 10                # steps between step lines
     seed: int = 1337                      # weights and data order; rank r seeds dropout with seed + r
@@ -107,9 +110,9 @@ class Config:
 CHOICES = dict(lr_schedule=("cosine", "wsd"), dtype=("bfloat16", "float16", "float32"),
                activation_checkpointing=("none", "full", "selective"),
                fsdp=("full_shard", "shard_grad_op", "hybrid", "none"), early_stop_mode=("min", "max"),
-               wsd_decay_frac=None, wandb_mode=("online", "offline", "disabled"))
+               wandb_mode=("online", "offline", "disabled"))
 POSITIVE = ("batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "ckpt_interval", "log_interval",
-            "ac_every", "learning_rate", "tokenizer_vocab")
+            "ac_every", "learning_rate", "tokenizer_vocab", "eval_domain_tokens")
 
 
 def load_config(args):
@@ -263,10 +266,11 @@ def build_model(cfg, vocab_size, rank, world_size, device, param_dtype):
             full = Phi(mcfg)
             full.init_weights()
             state = full.state_dict()
-    else:
+    elif rank == 0:
         mcfg, state = load_hf_state_dict(cfg.init_from)  # config and weights, validated
-        if rank != 0:
-            state = {}
+    else:
+        with open(os.path.join(cfg.init_from, "config.json")) as f:
+            mcfg, state = PhiConfig.from_dict(json.load(f)), {}
     new_layers = []
     if cfg.expand_layers:
         mcfg, state, new_layers = expand_state_dict(mcfg, state, cfg.expand_layers)
@@ -303,9 +307,10 @@ def build_model(cfg, vocab_size, rank, world_size, device, param_dtype):
 
 
 def adamw(model, cfg, device):
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for p in params if all(p is not q for q in decay)]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
@@ -389,6 +394,7 @@ def main(args):
     if world_size > 1:
         dist.barrier()
     meta = read_meta(cfg.data_dir)
+    tokenizer = AutoTokenizer.from_pretrained(meta["tokenizer"]) if cfg.eval_domain_prompts else None
 
     # -- model: AC, compile and FSDP2 per block; bf16 compute over fp32 master weights
     model, mcfg, sharded = build_model(cfg, meta["vocab_size"], rank, world_size, device, ptdtype)
@@ -453,6 +459,13 @@ def main(args):
     while True:
         if step != resumed_at and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
             metrics = evaluate(model, val, ctx, device)
+            if cfg.eval_domain_prompts:  # every rank generates the same greedy tokens, as FSDP needs
+                from validate import quick_domain_metrics
+                with torch.no_grad(), ctx:
+                    model.eval()
+                    metrics |= quick_domain_metrics(model, tokenizer, cfg.eval_domain_prompts, cfg.eval_domain_tokens,
+                                                    data_dir=cfg.data_dir)
+                    model.train()
             monitor.log_eval(step, metrics)
             if cfg.early_stop_metric not in metrics:
                 raise ValueError(f"early_stop_metric '{cfg.early_stop_metric}' is not an eval metric; "
@@ -539,6 +552,7 @@ def main(args):
     # -- the end: export the best checkpoint for HF, write the summary
     if master:
         print(f"stopped at step {step}: {stop_reason}")
+    ckpt.wait()  # an async save must be committed before export
     export_path = None
     if saved and master:
         ranked = [(m, p) for _, p, m in ckpt.list_checkpoints(os.path.join(cfg.out_dir, "ckpt")) if m is not None]

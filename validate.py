@@ -7,6 +7,9 @@ Usage:
   python validate.py --samples out/validate/samples.jsonl --tasks js-exec humaneval   # no model needed
 
 Tasks: ppl xml mdx js js-exec humaneval mbpp mmlu codebleu (default: all whose inputs are present).
+xml/mdx/js report valid_rate (the whole document parses) and prefix_valid_rate (no error before the
+end, and for XML/MDX some markup written: what a model whose documents outgrow --max-new-tokens or
+its context can still get right).
 Writes {out}/report.json, {out}/report.md and {out}/samples.jsonl: every prompt, completion and
 verdict, which --samples scores again, e.g. on a safer machine than the one that generated it.
 Generated code only ever runs in checkers/execute.py's sandboxes; XML, MDX and JS are parsed, never run.
@@ -170,7 +173,7 @@ def samples_for(run, task, items, stop, n=1, max_new_tokens=None):
     """items [(task_id, prompt)] -> {task_id: [(completion, truncated)] * n}, from --samples or the model."""
     if run.samples is not None:
         got = run.samples.get(task, {})
-        return {tid: [(c, False) for c in got[tid]] for tid, _ in items if tid in got}
+        return {tid: [(cut(c, stop), False) for c in got[tid]] for tid, _ in items if tid in got}
     s = run.settings
     temperature = s.temperature if n > 1 else 0.0
     prompts = [p for _, p in items for _ in range(n)]
@@ -236,6 +239,18 @@ def check_docs(lang, docs):
     return out
 
 
+# Plain text is valid inside any XML element or MDX paragraph (a random model's output often is), so
+# prefix validity also asks for some markup: a tag; for MDX also an expression, heading, list, fence or ESM.
+MARKUP = {"xml": re.compile(r"<[A-Za-z_/!?][^<>]*>"),
+          "mdx": re.compile(r"<[A-Za-z/>]|\{|^(#{1,6} |[-*] |\d+\. |```|import |export )", re.M)}
+
+
+def prefix_ok(lang, prompt, completion, ok, err):
+    """Valid or only cut short (no error before the end), with some markup written."""
+    markup = lang not in MARKUP or bool(MARKUP[lang].search(completion))
+    return markup and (ok or valid_prefix(lang, prompt + completion, err))
+
+
 def eval_validity(run, lang):
     items = validity_prompts(lang, run.settings.data_dir, run.settings.n_prompts, run.settings.limit)
     if run.samples is not None:  # prompts come with the samples
@@ -245,7 +260,7 @@ def eval_validity(run, lang):
     rows = [{"task": lang, "task_id": tid, "prompt": prompts[tid], "completion": c, "truncated": t}
             for tid, cs in got.items() for c, t in cs]
     for r, (ok, err) in zip(rows, check_docs(lang, [r["prompt"] + r["completion"] for r in rows])):
-        r.update(ok=ok, detail=err, prefix_ok=ok or valid_prefix(lang, r["prompt"] + r["completion"], err))
+        r.update(ok=ok, detail=err, prefix_ok=prefix_ok(lang, r["prompt"], r["completion"], ok, err))
     n = len(rows)
     metrics = {"n": n, "valid_rate": sum(r["ok"] for r in rows) / max(n, 1),
                "prefix_valid_rate": sum(r["prefix_ok"] for r in rows) / max(n, 1),
@@ -529,10 +544,10 @@ def quick_domain_metrics(model, tokenizer, n_prompts=4, max_new_tokens=128, data
         if data_dir:
             items += validity_prompts(lang, data_dir, n_prompts, None)[len(PROMPTS[lang]):]
         texts, _ = complete(model, tokenizer, [p for _, p in items], max_new_tokens, batch_size=batch_size, desc=lang)
-        docs = [p + t for (_, p), t in zip(items, texts)]
-        checks = check_docs(lang, docs)
+        checks = check_docs(lang, [p + t for (_, p), t in zip(items, texts)])
         out[f"{lang}_valid"] = sum(ok for ok, _ in checks) / len(checks)
-        out[f"{lang}_prefix_valid"] = sum(ok or valid_prefix(lang, d, e) for d, (ok, e) in zip(docs, checks)) / len(checks)
+        out[f"{lang}_prefix_valid"] = sum(prefix_ok(lang, p, t, ok, e)
+                                          for (_, p), t, (ok, e) in zip(items, texts, checks)) / len(checks)
     out["domain_valid"] = sum(out[f"{lang}_valid"] for lang in ("xml", "mdx", "js")) / 3
     out["domain_prefix_valid"] = sum(out[f"{lang}_prefix_valid"] for lang in ("xml", "mdx", "js")) / 3
     return out
@@ -542,13 +557,13 @@ def quick_domain_metrics(model, tokenizer, n_prompts=4, max_new_tokens=128, data
 # reports
 
 
-def read_samples(path):
+def read_samples(path, js_problems=execute.JS_PROBLEMS):
     """--samples JSONL (task_id, completion, optional task/prompt/reference) -> Run fields."""
     try:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as e:
         raise ValidateError(f"cannot read --samples {path} ({e}); expected JSON lines with task_id and completion")
-    js_names = {p["name"] for p in execute.load_js_problems()} if Path(execute.JS_PROBLEMS).is_file() else set()
+    js_names = {p["name"] for p in execute.load_js_problems(js_problems)} if Path(js_problems).is_file() else set()
     samples, prompts, refs = {}, {}, {}
     for i, r in enumerate(rows):
         if "task_id" not in r or "completion" not in r:
@@ -569,7 +584,7 @@ def fmt(v):
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def write_reports(out, runs, settings):
+def write_reports(out, runs, settings, from_samples=False):
     """runs: [(name, {task: metrics})]; a second run is shown beside the first with deltas (first - second)."""
     info = {k: v for k, v in execute.sandbox_info().items() if not k.startswith("_")}
     report = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -586,9 +601,16 @@ def write_reports(out, runs, settings):
 
     names = [name for name, _ in runs]
     md = ["# Validation report", "", f"Created {report['created']}.", ""]
-    md += [f"- {'checkpoint' if i == 0 else 'compared with'}: `{n}`" for i, n in enumerate(names)]
-    md += [f"- validity and CodeBLEU: greedy, up to {settings.max_new_tokens} new tokens; pass@k: {settings.n_samples} "
-           f"sample(s) per problem" + (f" at temperature {settings.temperature}, top_p 0.95" if settings.n_samples > 1 else ", greedy"), ""]
+    if from_samples:
+        md += [f"- completions from `{names[0]}`, scored without generating", ""]
+    else:
+        md += [f"- {'checkpoint' if i == 0 else 'compared with'}: `{n}`" for i, n in enumerate(names)]
+        md += [f"- validity and CodeBLEU: greedy, up to {settings.max_new_tokens} new tokens; pass@k: {settings.n_samples} "
+               f"sample(s) per problem" + (f" at temperature {settings.temperature}, top_p 0.95" if settings.n_samples > 1
+                                           else ", greedy"),
+               "- valid_rate: whole documents that parse; prefix_valid_rate: also counts documents that only "
+               "stop too early (no error before their end) and, for XML and MDX, write some markup, since plain text "
+               "is valid inside any element or paragraph", ""]
     head = "| task | metric | " + " | ".join(f"`{Path(n).name or n}`" for n in names)
     md += [head + (" | Δ (first − second) |" if len(runs) == 2 else " |"), "|" + "---|" * (2 + len(runs) + (len(runs) == 2))]
     for task, metrics in runs[0][1].items():
@@ -664,7 +686,7 @@ def main(argv=None):
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
                      n_prompts=args.n_prompts, workers=args.workers, seed=args.seed, js_problems=args.js_problems,
                      mbpp=args.mbpp, mmlu=args.mmlu, mmlu_shots=args.mmlu_shots)
-        samples = read_samples(args.samples) if args.samples else None
+        samples = read_samples(args.samples, args.js_problems) if args.samples else None
         why = unavailable(s, has_model=samples is None)
         if args.tasks:
             bad = [f"{t} ({why[t]})" for t in args.tasks if t in why]
@@ -686,7 +708,7 @@ def main(argv=None):
             with open(Path(args.out) / out_name, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             runs.append((path, results))
-        write_reports(args.out, runs, s)
+        write_reports(args.out, runs, s, from_samples=samples is not None)
     except (ValidateError, execute.ProblemFileError, CheckpointError, ModelLoadError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ function syntaxError(e) {
   return (m ? `line ${m[1]}: ` : '') + `${e.name}: ${e.message}`;
 }
 
-// null when V8 compiles text as a script or as an ES module, else the error of the script attempt
+// null when V8 compiles text as a script or as an ES module, else the more telling of the two errors
 function v8Compile(text) {
   try {
     new vm.Script(text, { filename: 'gen.js' }); // compiles, does not run

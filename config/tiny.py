@@ -2,7 +2,7 @@
 # python train.py config/tiny.py
 out_dir = "out/tiny"
 data_dir = "data/tiny"
-synthetic_docs = 3000        # prepared into data_dir on first use, no download
+synthetic_docs = 3000        # ~1.1M train tokens, 60 val docs; prepared into data_dir on first use (~20 s), no download
 tokenizer_vocab = 2048
 model_preset = "tiny"        # 4 layers, 128 wide
 max_iters = 600

@@ -1,7 +1,7 @@
 """Turn XML, MDX/Markdown and JavaScript/TypeScript sources into packed per-language token shards.
 
     python data/prepare.py SRC [SRC ...] --out DIR (--tokenizer PATH | --train-tokenizer VOCAB)
-    python data/prepare.py synthetic:3000 --out data/tiny --train-tokenizer 2048
+    python data/prepare.py synthetic:1500 --out data/tiny --train-tokenizer 2048
     python data/prepare.py ~/src/svg-icons ~/dumps/js.jsonl.gz@0.5 --out data/web --tokenizer ~/phi-2
 
 SRC is a directory (searched recursively, language from the file extension), a .jsonl or
@@ -12,6 +12,7 @@ Filters follow the StarCoder / The Stack practice and every drop is counted in m
 non-UTF-8, empty, too large, auto-generated, minified JS, long lines, low alphanumeric fraction,
 exact duplicates. BOMs and CRLF are normalised first. A hash of the normalised content decides
 train vs val, so adding files never moves an old one. Documents are separated by EOS.
+Sources are read twice (decide, then tokenize): memory holds content hashes, not texts.
 
 Writes {out}/{split}_{lang}.bin (uint16, or uint32 when the vocabulary exceeds 65,535) and
 meta.json. Files are written under temporary names and renamed when complete; meta.json comes
@@ -27,6 +28,7 @@ import re
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,7 +53,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 EOS = "<|endoftext|>"
 NON_ALNUM = re.compile(r"[\W_]+")
 SYNTHETIC_DOCS = 1500  # `synthetic` alone: ~1M train tokens with a 2048-token BPE, prepared in seconds
-BPE_SAMPLE_CHARS = 200_000_000  # --train-tokenizer learns from at most this much train text
+BPE_SAMPLE_CHARS = 100_000_000  # --train-tokenizer learns from at most this much train text (held in memory)
 
 
 @dataclass
@@ -229,15 +231,23 @@ def clean(name, lang, raw, flt):
     return raw, None, fixes
 
 
-def content_hash(text):
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def fate(digest, weight, val_fraction):
+    """(split, copies) of a document, fixed by its content hash: adding files never moves old ones.
+    A weight gives whole repeats plus a hash draw for the fraction; val documents are never repeated."""
+    if int.from_bytes(digest[:8], "little") / 2 ** 64 < val_fraction:
+        return "val", 1
+    draw = int.from_bytes(hashlib.sha256(b"weight" + digest).digest()[:8], "little") / 2 ** 64
+    return "train", int(weight) + (draw < weight % 1)
 
 
-def hash_fraction(digest, salt=""):
-    """A number in [0, 1) fixed by the content; a salt gives an independent draw."""
-    if salt:
-        digest = hashlib.sha256((salt + digest).encode()).hexdigest()
-    return int(digest[:16], 16) / 2 ** 64
+def kept_docs(parsed, keep, flt, val_fraction):
+    """Pass 2: (lang, split, copies, text) of the documents pass 1 kept, in source order."""
+    for (kind, target, weight), flags in zip(parsed, keep):
+        for flag, (name, lang, raw) in zip(flags, read_docs(kind, target, Counter())):
+            if flag:
+                text = clean(name, lang, raw, flt)[0]
+                split, copies = fate(hashlib.sha256(text.encode("utf-8")).digest(), weight, val_fraction)
+                yield lang, split, copies, text
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -301,16 +311,27 @@ def _encode(texts):
     return [np.asarray(e.ids, dtype=np.uint32) for e in enc]
 
 
-def chunked(items, max_chars=1 << 20):
+def chunked(docs, max_chars=1 << 20):
     chunk, size = [], 0
-    for item in items:
-        chunk.append(item)
-        size += len(item)
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc[3])
         if size >= max_chars:
             yield chunk
             chunk, size = [], 0
     if chunk:
         yield chunk
+
+
+def batched(items, n):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # ----------------------------------------------------------------------------- main work
@@ -346,100 +367,93 @@ def prepare(sources, out, tokenizer=None, train_tokenizer=None, val_fraction=0.0
     if tokenizer is not None:
         tok = load_tokenizer(tok_path)
 
-    # read, clean, deduplicate, split
+    # pass 1: filter, deduplicate and split without keeping texts (only a sample for BPE and the synthetic ones)
     counts = {k: 0 for k in ("binary", "not_utf8", "empty", "too_large", "auto_generated", "minified",
                              "long_lines", "long_mean_line", "low_alnum", "duplicate", "bad_record", "unknown_lang")}
     fixes = {"bom": 0, "crlf": 0}
-    seen, docs, source_info, synthetic = set(), [], [], []  # docs: (lang, split, text, copies)
-    bytes_in = 0
+    seen, keep, source_info, synthetic, sample, langs = set(), [], [], [], [], set()
+    bytes_in = sample_chars = 0
     for kind, target, weight in parsed:
-        kept = total = 0
-        for name, lang, raw in tqdm(read_docs(kind, target, counts), desc=f"read {kind} {target}", unit="doc",
+        keep.append(bytearray())  # one flag per document read: 1 = write it
+        for name, lang, raw in tqdm(read_docs(kind, target, counts), desc=f"scan {kind} {target}", unit="doc",
                                     disable=quiet, leave=False):
-            total += 1
             bytes_in += len(raw)
             text, reason, fixed = clean(name, lang, raw, flt)
             for f in fixed:
                 fixes[f] += 1
+            digest = None if reason else hashlib.sha256(text.encode("utf-8")).digest()
+            if digest in seen:
+                reason = "duplicate"
             if reason:
                 counts[reason] += 1
-                continue
-            digest = content_hash(text)
-            if digest in seen:
-                counts["duplicate"] += 1
+                keep[-1].append(0)
                 continue
             seen.add(digest)
-            kept += 1
-            split = "val" if hash_fraction(digest) < val_fraction else "train"
-            # weight: whole repeats plus a content-hash draw for the fraction; val is never repeated
-            copies = 1 if split == "val" else int(weight) + (hash_fraction(digest, "weight") < weight % 1)
-            if copies:
-                docs.append((lang, split, text, copies))
+            split, copies = fate(digest, weight, val_fraction)
+            keep[-1].append(copies > 0)
+            langs.add(lang)
+            if split == "train" and sample_chars < BPE_SAMPLE_CHARS:  # val stays unseen by the tokenizer
+                sample.append(text)
+                sample_chars += len(text)
             if kind == "synthetic":
                 synthetic.append((lang, text))
-        source_info.append({"source": f"{kind}:{target}", "weight": weight, "docs_read": total, "docs_kept": kept})
-    if not docs:
+        source_info.append({"source": f"{kind}:{target}", "weight": weight, "docs_read": len(keep[-1]),
+                            "docs_kept": sum(keep[-1])})
+    if not langs:
         raise DataError(f"no documents left after filtering {', '.join(map(str, sources))} (dropped: "
                         f"{', '.join(f'{k}={v}' for k, v in counts.items() if v)}): check the sources")
-    docs.sort(key=lambda d: (d[0], d[1]))  # stable: per language and split, in source order
-    langs = sorted({lang for lang, _, _, _ in docs})
+    langs = sorted(langs)
+    del seen
 
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
     if meta_path.exists():
         meta_path.unlink()  # from here until the new meta.json lands, the directory reads as unprepared
     if train_tokenizer is not None:
-        log(f"prepare: training a {train_tokenizer}-token byte-level BPE on {sum(d[1] == 'train' for d in docs)} documents")
-        sample, size = [], 0
-        for _, split, text, _ in docs:  # train documents only, so val stays unseen; capped for memory and time
-            if split == "train" and size < BPE_SAMPLE_CHARS:
-                sample.append(text)
-                size += len(text)
+        log(f"prepare: training a {train_tokenizer}-token byte-level BPE on {len(sample)} train documents")
         tok = train_bpe(sample, int(train_tokenizer), out / "tokenizer")
         tok_path, tok_hash = str((out / "tokenizer").resolve()), tokenizer_hash(out / "tokenizer")
     else:
         tok_path, tok_hash = inputs["tokenizer"]
+    del sample
     vocab_size, eos = len(tok), tok.eos_token_id
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
 
-    # tokenize in worker processes, write each (split, lang) stream under a temporary name
+    # pass 2: re-read the kept documents and tokenize them in worker processes, a window of chunks at a
+    # time so memory stays bounded; each (split, lang) stream is written under a temporary name
     n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     tok_json = tok.backend_tokenizer.to_str()
     stats = {lang: {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in ("train", "val")} for lang in langs}
-    files = {}
-    texts = [d[2] for d in docs]
+    n_docs = sum(source["docs_kept"] for source in source_info)
     env_par = os.environ.get("TOKENIZERS_PARALLELISM")
     pool = None
-    if n_workers > 1 and len(docs) >= 256:
+    if n_workers > 1 and n_docs >= 256:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker is one thread; avoids the fork warning
         pool = mp.get_context("fork").Pool(n_workers, _init_worker, (tok_json,))
-        encoded = pool.imap(_encode, chunked(texts), chunksize=1)
     else:
         _init_worker(tok_json)
-        encoded = map(_encode, chunked(texts))
     handles, t_tok, text_bytes = {}, time.time(), 0
     try:
-        bar = tqdm(total=len(docs), desc="tokenize", unit="doc", disable=quiet)
-        i = 0
-        for batch in encoded:
-            for ids in batch:
-                lang, split, text, copies = docs[i]
-                i += 1
-                key = f"{split}_{lang}"
-                if key not in handles:
-                    handles[key] = open(out / f".{key}.bin.tmp", "wb")
-                if len(ids) and int(ids.max()) >= vocab_size:
-                    raise DataError(f"tokenizer produced id {int(ids.max())} >= its vocabulary size {vocab_size}")
-                row = np.append(ids, eos).astype(dtype)
-                for _ in range(copies):
-                    handles[key].write(row.tobytes())
-                st = stats[lang][split]
-                st["docs"] += copies
-                st["tokens"] += len(row) * copies
-                n_bytes = len(text.encode("utf-8"))
-                st["bytes"] += n_bytes * copies
-                text_bytes += n_bytes
-            bar.update(len(batch))
+        bar = tqdm(total=n_docs, desc="tokenize", unit="doc", disable=quiet)
+        for window in batched(chunked(kept_docs(parsed, keep, flt, val_fraction)), 4 * max(n_workers, 1)):
+            texts = [[d[3] for d in chunk] for chunk in window]
+            for chunk, encoded in zip(window, pool.map(_encode, texts) if pool else map(_encode, texts)):
+                for (lang, split, copies, text), ids in zip(chunk, encoded):
+                    key = f"{split}_{lang}"
+                    if key not in handles:
+                        handles[key] = open(out / f".{key}.bin.tmp", "wb")
+                    if len(ids) and int(ids.max()) >= vocab_size:
+                        raise DataError(f"tokenizer produced id {int(ids.max())} >= its vocabulary size {vocab_size}")
+                    row = np.append(ids, eos).astype(dtype)
+                    for _ in range(copies):
+                        handles[key].write(row.tobytes())
+                    n_bytes = len(text.encode("utf-8"))
+                    st = stats[lang][split]
+                    st["docs"] += copies
+                    st["tokens"] += len(row) * copies
+                    st["bytes"] += n_bytes * copies
+                    text_bytes += n_bytes
+                bar.update(len(chunk))
         bar.close()
     except BaseException:
         for h in handles.values():  # no half-written stream is left behind
@@ -459,6 +473,7 @@ def prepare(sources, out, tokenizer=None, train_tokenizer=None, val_fraction=0.0
     for old in out.glob("*_*.bin"):  # languages of an older run that are gone now
         if old.stem not in {f"{s}_{lang}" for lang in langs for s in ("train", "val")}:
             old.unlink()
+    files = {}
     for lang in langs:
         for split in ("train", "val"):
             key = f"{split}_{lang}"
@@ -522,7 +537,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tokenizer", help="local HF tokenizer directory (e.g. a phi-2 download)")
-    g.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of this size, saved in OUT/tokenizer")
+    g.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
+                   help="train a byte-level BPE of this size, saved in OUT/tokenizer")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out for val (default 0.02)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count, at most 8)")
     for f, default in asdict(Filters()).items():

@@ -12,6 +12,9 @@ import random
 import re
 
 LANG_WEIGHTS = {"xml": 0.35, "mdx": 0.3, "js": 0.35}  # MDX documents are shorter
+# Most documents are short (tens to a few hundred tokens: a small config, feed, icon, page or module), so a
+# model with a small context sees whole documents, end and all; the rest are full-size.
+SHORT_SHARE = 0.6
 
 WORDS = ("user account order item cart price total count index value name title label status "
          "config option setting cache queue task job worker event handler route path url request "
@@ -20,7 +23,10 @@ WORDS = ("user account order item cart price total count index value name title 
          "size width height offset margin layout page post comment author feed channel image icon "
          "button input form filter sort query result error message logger metric timer buffer stream "
          "file folder module package version build target source output report invoice customer "
-         "product stock warehouse shipment address city country region zone").split()
+         "product stock warehouse shipment address city country region zone profile avatar locale "
+         "currency amount balance payment discount coupon category tag badge review rating vote score "
+         "ticket issue project task milestone sprint release deploy cluster service endpoint "
+         "header footer sidebar menu panel dialog modal toast tooltip chart graph series sample").split()
 PROSE = ("the a this each every our your new simple fast small main default custom shared local "
          "remote quick careful optional returns creates updates removes stores loads renders keeps "
          "reads writes checks sends receives builds runs uses shows hides data values items results "
@@ -29,7 +35,7 @@ PROSE = ("the a this each every our your new simple fast small main default cust
 
 
 def _ident(rng, parts=None):
-    words = [rng.choice(WORDS) for _ in range(parts or rng.choice((1, 1, 2, 2, 3)))]
+    words = [rng.choice(WORDS) for _ in range(parts or rng.choice((1, 2, 2, 3)))]
     name = words[0] + "".join(w.capitalize() for w in words[1:])
     return name + "Name" if name in JS_RESERVED else name
 
@@ -118,7 +124,8 @@ def _xml_element(rng, tags, attrs, prefix, depth, out, indent):
         if rng.random() < 0.2:
             out.append(f"{pad}<{tag}{a}/>")
         elif rng.random() < 0.08:
-            out.append(f"{pad}<{tag}{a}><![CDATA[{rng.choice(('if (a < b && c > d) {', 'x = <y>;', '<b>raw</b> &'))} {_sentence(rng, 2, 6)}]]></{tag}>")
+            raw = rng.choice(("if (a < b && c > d) {", "x = <y>;", "<b>raw</b> &"))
+            out.append(f"{pad}<{tag}{a}><![CDATA[{raw} {_sentence(rng, 2, 6)}]]></{tag}>")
         else:
             out.append(f"{pad}<{tag}{a}>{_xml_text(rng)}</{tag}>")
         return
@@ -134,13 +141,13 @@ def _xml_element(rng, tags, attrs, prefix, depth, out, indent):
     out.append(f"{pad}</{tag}>")
 
 
-def gen_xml(rng):
+def gen_xml(rng, short=False):
     root, tags, attrs, ns = XML_DOMAINS[rng.choice(sorted(XML_DOMAINS))]
     root = root or _ident(rng, 1) + rng.choice(("s", "List", "Set", "Data", "Export"))
     out = []
     if rng.random() < 0.7:
         out.append(f'<?xml version="1.0" encoding="{rng.choice(("UTF-8", "utf-8"))}"?>')
-    if rng.random() < 0.15:
+    if rng.random() < 0.15 and not short:
         out.append(f'<?xml-stylesheet type="text/xsl" href="{rng.choice(WORDS)}.xsl"?>')
     if rng.random() < 0.3:
         out.append(f"<!-- {_sentence(rng, 3, 10)} -->")
@@ -157,8 +164,8 @@ def gen_xml(rng):
     if root == "svg":
         decl += f' viewBox="0 0 {rng.randint(16, 512)} {rng.randint(16, 512)}"'
     out.append(f"<{root}{decl}>")
-    for _ in range(rng.randint(1, 6)):
-        _xml_element(rng, tags, attrs, prefix, rng.randint(0, 4), out, 1)
+    for _ in range(rng.randint(1, 4) if short else rng.randint(1, 6)):
+        _xml_element(rng, tags, attrs, prefix, rng.randint(0, 1) if short else rng.randint(0, 4), out, 1)
     out.append(f"</{root}>")
     return "\n".join(out) + "\n"
 
@@ -306,7 +313,8 @@ class _JS:
         name, aw = self.fresh(), rng.random() < 0.35
         self.scope.append([])
         ps = self.params()
-        doc = self.jsdoc(pad, [p.split("=")[0].strip(" .") for p in ps.split(",") if p and "{" not in ps]) if rng.random() < 0.3 else ""
+        names = [p.split("=")[0].strip(" .") for p in ps.split(",") if p and "{" not in ps]
+        doc = self.jsdoc(pad, names) if rng.random() < 0.3 else ""
         body = self.block(depth, aw, True, pad)
         self.scope.pop()
         if rng.random() < 0.35:
@@ -366,15 +374,16 @@ JS_RESERVED = set("break case catch class const continue debugger default delete
                   "true false undefined arguments eval".split())
 
 
-def gen_js(rng):
+def gen_js(rng, short=False):
     g = _JS(rng)
     out = []
     if rng.random() < 0.4:
         out.append(f"// {_sentence(rng)}")
     if rng.random() < 0.3:
         out.append("'use strict';")
-    for _ in range(rng.randint(0, 3)):
-        r, mod = rng.random(), rng.choice(("react", "node:fs/promises", "node:path", "./utils.js", "../lib/api.js", "lodash-es", "zod"))
+    for _ in range(rng.randint(0, 1) if short else rng.randint(0, 3)):
+        r, mod = rng.random(), rng.choice(("react", "node:fs/promises", "node:path", "./utils.js", "../lib/api.js",
+                                           "lodash-es", "zod"))
         if r < 0.5:
             out.append(f"import {{ {', '.join(g.fresh() for _ in range(rng.randint(1, 3)))} }} from '{mod}';")
         elif r < 0.8:
@@ -383,17 +392,18 @@ def gen_js(rng):
             out.append(f"import * as {g.fresh()} from '{mod}';")
     out.append("")
     jsx = rng.random() < 0.3
-    for _ in range(rng.randint(2, 6)):
+    depth = 1 if short else 2
+    for _ in range(rng.randint(1, 3) if short else rng.randint(2, 6)):
         export = rng.choice(("", "", "export "))
         r = rng.random()
-        if r < 0.25:
+        if r < 0.25 and not short:
             out.append(g.klass(export))
         elif r < 0.35 and jsx:
             out.append(g.component(export))
         elif r < 0.7:
-            out.append(g.function(2, "", export))
+            out.append(g.function(depth, "", export))
         else:
-            out.append(g.stmt(2, True, False, ""))
+            out.append(g.stmt(depth, True, False, ""))
         out.append("")
     if g.scope[0] and rng.random() < 0.3:
         names = [n for n in g.scope[0] if n[0].isupper()] or g.scope[0]
@@ -416,7 +426,7 @@ def _md_inline(rng):
     return " ".join(words)
 
 
-def gen_mdx(rng):
+def gen_mdx(rng, short=False):
     out, comps, exported = [], rng.sample(MDX_COMPONENTS, rng.randint(1, 4)), []
     if rng.random() < 0.6:
         out += ["---", f"title: {_sentence(rng, 2, 6)[:-1]}", f"date: 2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
@@ -427,8 +437,10 @@ def gen_mdx(rng):
         exported.append(name)
         out.append(f"export const {name} = {{ {', '.join(f'{k}: {_number(rng)}' for k in rng.sample(WORDS, 2))} }}")
     out += ["", f"# {_sentence(rng, 2, 6)[:-1]}", ""]
-    for _ in range(rng.randint(4, 14)):
-        r = rng.random()
+    n = rng.randint(1, 3) if short else rng.randint(4, 14)
+    jsx_at = rng.randrange(n) if short else -1  # a short page shows off at least one component
+    for k in range(n):
+        r = 0.7 + 0.15 * rng.random() if k == jsx_at else rng.random()
         if r < 0.25:
             out += [_md_inline(rng), ""]
         elif r < 0.35:
@@ -439,10 +451,11 @@ def gen_mdx(rng):
         elif r < 0.55:
             cols = rng.sample(WORDS, rng.randint(2, 4))
             out += ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
-            out += ["| " + " | ".join(rng.choice((_number(rng), rng.choice(WORDS))) for _ in cols) + " |" for _ in range(rng.randint(1, 4))]
+            for _ in range(rng.randint(1, 4)):
+                out.append("| " + " | ".join(rng.choice((_number(rng), rng.choice(WORDS))) for _ in cols) + " |")
             out.append("")
         elif r < 0.7:
-            code = gen_js(random.Random(rng.random())).strip().splitlines()[:rng.randint(3, 12)]
+            code = gen_js(random.Random(rng.random()), short=short).strip().splitlines()[:rng.randint(3, 6 if short else 12)]
             out += ["```" + rng.choice(("js", "jsx", "javascript")), *code, "```", ""]
         elif r < 0.85:
             c = rng.choice(comps)
@@ -456,7 +469,8 @@ def gen_mdx(rng):
                 out += [f"<{c}{props}>", "", _md_inline(rng), "", f"</{c}>", ""]
         else:
             a, b = rng.randint(1, 99), rng.randint(1, 99)
-            out += [f"{_sentence(rng, 2, 6)[:-1]} {{{a} + {b}}} {rng.choice(WORDS)} and {{'{rng.choice(WORDS)}'.toUpperCase()}}.", ""]
+            s = f"{_sentence(rng, 2, 6)[:-1]} {{{a} + {b}}} {rng.choice(WORDS)}"
+            out += [f"{s} and {{'{rng.choice(WORDS)}'.toUpperCase()}}.", ""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -467,7 +481,7 @@ def generate_doc(i, seed=0):
     """Document i of the corpus with this seed, as (lang, text)."""
     rng = random.Random(f"sheikh-synth:{seed}:{i}")
     lang = rng.choices(list(LANG_WEIGHTS), list(LANG_WEIGHTS.values()))[0]
-    return lang, GENERATORS[lang](rng)
+    return lang, GENERATORS[lang](rng, short=rng.random() < SHORT_SHARE)
 
 
 def generate_corpus(n_docs, seed=0):

@@ -177,12 +177,32 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     before = {n: open(f"{p1}/{n}", "rb").read() for n in os.listdir(p1)}
     monkeypatch.setattr(ckpt, "_free_bytes", lambda path: 1000)
     model, opt = make()
-    with pytest.raises(ckpt.CheckpointError, match=r"not enough disk space in .*ckpt: checkpoint needs ~0\.00 GB, "
-                                                   r"0\.00 GB free; free space or lower keep_last"):
+    with pytest.raises(ckpt.CheckpointError, match=r"not enough disk space in .*ckpt: checkpoint needs ~0\.1 MB, "
+                                                   r"0\.0 MB free; free space or lower keep_last"):
         ckpt.save(tmp_path, 2, model, opt, {"step": 2})
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest", "step-000001"]
     assert {n: open(f"{p1}/{n}", "rb").read() for n in os.listdir(p1)} == before
     assert ckpt.verify(p1) == []
+
+
+def test_disk_full_while_writing_on_a_tiny_tmpfs(tmp_path, monkeypatch):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        (p1,) = saved(disk, steps=(1,))  # ~5 KB fits
+        big = torch.nn.Linear(256, 256)
+        opt = torch.optim.AdamW(big.parameters())
+        with pytest.raises(ckpt.CheckpointError, match="not enough disk space"):  # caught by the estimate
+            ckpt.save(disk, 2, big, opt, {"step": 2})
+        monkeypatch.setattr(ckpt, "_free_bytes", lambda path: 1 << 40)  # now the write itself runs out
+        with pytest.raises(ckpt.CheckpointError, match=r"writing .*step-000002.tmp failed: disk full; free space"):
+            ckpt.save(disk, 2, big, opt, {"step": 2})
+        assert sorted(os.listdir(disk / "ckpt")) == ["latest", "step-000001"]
+        assert ckpt.verify(p1) == [] and ckpt.find_resume(disk, "auto") == p1
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 def test_transient_io_error_is_retried(tmp_path, monkeypatch):
@@ -245,18 +265,16 @@ def test_load_into_other_model_is_one_line_error(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_chunked_crc_while_writing_equals_reading(tmp_path, monkeypatch):
+def test_checksum_per_chunk(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "CHUNK", 1000)
-    data = os.urandom(5500)
-    (tmp_path / "f").write_bytes(data)
-    assert len(ckpt._crc32s(tmp_path / "f")) == 6
-    for sizes in ([5500], [10, 990, 1000, 1, 3499], [999, 1, 1, 4499]):
-        with open(tmp_path / "g", "wb") as f:
-            w, offset = ckpt._CrcWriter(f), 0
-            for n in sizes:
-                w.write(data[offset:offset + n])
-                offset += n
-        assert w.hexes() == ckpt._crc32s(tmp_path / "f"), sizes
+    (p1,) = saved(tmp_path, steps=(1,))
+    shard = f"{p1}/shard-00001-model-00001-of-00001.safetensors"
+    entry = json.load(open(f"{p1}/manifest.json"))["files"][os.path.basename(shard)]
+    assert len(entry["crc32"]) == -(-entry["size"] // 1000) > 1
+    data = bytearray(open(shard, "rb").read())
+    data[2500] ^= 0x10
+    open(shard, "wb").write(data)
+    assert ckpt.verify(p1) == [f"{shard}: checksum mismatch (corrupt)"]
 
 
 def test_async_save_commits_on_wait(tmp_path, monkeypatch):

@@ -15,8 +15,8 @@ def make_tokenizer(path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(["<a x='1'/> const x = 1;", "# title\n<Box />"] * 20,
-                            trainers.BpeTrainer(vocab_size=100, special_tokens=["<|endoftext|>", "<unk>"], show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=100, special_tokens=["<|endoftext|>", "<unk>"], show_progress=False)
+    tok.train_from_iterator(["<a x='1'/> const x = 1;", "# title\n<Box />"] * 20, trainer)
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(path)
 
 

@@ -11,16 +11,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data.loader import PATTERN_LEN, DataError, TokenLoader, read_meta, val_batches
-from data.prepare import prepare
 
 B, T = 4, 32
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    prepare(["synthetic:200"], out=out, train_tokenizer=400, val_fraction=0.1, workers=0, quiet=True)
-    return str(out)
+@pytest.fixture
+def data_dir(tiny_data):  # conftest.py: synthetic corpus prepared once per session
+    return tiny_data
 
 
 def take(loader, n):

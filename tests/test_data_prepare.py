@@ -19,16 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXT = {"xml": ".xml", "mdx": ".mdx", "js": ".js"}
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    meta = prep.prepare(["synthetic:120"], out=out, train_tokenizer=400, val_fraction=0.1, workers=0, quiet=True)
-    return out, meta
-
-
-@pytest.fixture(scope="module")
-def tokdir(synthetic):
-    return str(synthetic[0] / "tokenizer")
+@pytest.fixture
+def tokdir(tiny_data):  # conftest.py: synthetic corpus with a trained 512-token BPE, prepared once
+    return str(Path(tiny_data) / "tokenizer")
 
 
 def write_tree(root, n=24, seed=9):
@@ -151,16 +144,16 @@ def test_jsonl_gz_languages_and_weights(tmp_path, tokdir):
         assert m2["stats"][lang]["val"] == m1["stats"][lang]["val"]
 
 
-def test_synthetic_meta_and_trained_tokenizer(synthetic):
-    out, meta = synthetic
+def test_synthetic_meta_and_trained_tokenizer(tiny_data, tmp_path):
+    out, meta = Path(tiny_data), read_meta(tiny_data)
     assert meta["diversity"]["xml_tag_names"] > 50 and meta["diversity"]["js_ast_node_types"] > 80
     assert meta["tokenizer"] == read_meta(out)["tokenizer"] == str((out / "tokenizer").resolve())
-    moved = out.parent / "moved"  # data prepared elsewhere: the stored path is gone, its tokenizer/ came along
+    moved = tmp_path / "moved"  # data prepared elsewhere: the stored path is gone, its tokenizer/ came along
     shutil.copytree(out, moved)
     (moved / "meta.json").write_text(json.dumps({**meta, "tokenizer": "/gone/data/tokenizer"}))
     assert read_meta(moved)["tokenizer"] == str((moved / "tokenizer").resolve())
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
-    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == meta["eos_id"] and len(tok) == meta["vocab_size"] == 400
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == meta["eos_id"] and len(tok) == meta["vocab_size"] == 512
     assert set(meta["langs"]) == {"xml", "mdx", "js"} and meta["filters"]["dropped"]["duplicate"] == 0
 
 

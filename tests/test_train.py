@@ -162,3 +162,27 @@ def test_sigterm_two_ranks_saves_and_exits_zero(tmp_path, tiny_data):
     path = ckpt.find_resume(out, "auto")
     assert path is not None and ckpt.verify(path) == []
     assert summary(out)["stop_reason"] == "signal SIGTERM"
+
+
+def test_init_from_hf_dir_with_expansion_keeps_function(tmp_path, tiny_data):
+    import dataclasses
+
+    import torch
+    from model.phi import Phi, PhiConfig
+    torch.manual_seed(0)
+    base = Phi(dataclasses.replace(PhiConfig.preset("tiny"), vocab_size=512))
+    base.init_weights()
+    base.save_pretrained(str(tmp_path / "hf"))
+    args = ["--max_iters=2", "--eval_interval=1000", "--ckpt_interval=2", f"--init_from={tmp_path / 'hf'}"]
+    plain = first_losses(quick(tmp_path, tiny_data, "plain", *args, "--fsdp=none")[0], 2)
+    grown_dir, _ = quick(tmp_path, tiny_data, "grown", *args, "--expand_layers=2", "--train_only_new_layers=True",
+                         "--batch_size=2", nproc=2)
+    grown = first_losses(grown_dir, 2)
+    assert abs(plain[0] - grown[0]) <= 1e-5  # the inserted blocks start as the identity
+    exported = Phi.from_pretrained(os.path.join(grown_dir, "best"))
+    assert exported.cfg.num_hidden_layers == 6  # 4 + 2, new blocks at 2 and 5
+    sd, old = exported.state_dict(), base.state_dict()
+    for new, src in ((0, 0), (1, 1), (3, 2), (4, 3)):  # frozen blocks did not move
+        for k in ("self_attn.q_proj.weight", "mlp.fc1.bias"):
+            assert torch.equal(sd[f"model.layers.{new}.{k}"], old[f"model.layers.{src}.{k}"])
+    assert not torch.equal(sd["model.layers.2.mlp.fc2.weight"], torch.zeros_like(sd["model.layers.2.mlp.fc2.weight"]))

@@ -71,14 +71,24 @@ def test_end_to_end_report(random_hf, tiny_data, tmp_path, capsys):
     assert again["codebleu"]["codebleu"] == pytest.approx(tasks["codebleu"]["codebleu"])
 
 
+def write_mmlu(root):
+    (root / "test").mkdir(parents=True)
+    (root / "dev").mkdir()
+    (root / "test" / "astronomy_test.csv").write_text('"What is 1+1, really?",1,2,3,4,B\nQ2,a,b,c,d,D\n')
+    (root / "test" / "virology_test.csv").write_text("Q3,a,b,c,d,C\n")
+    (root / "dev" / "astronomy_dev.csv").write_text("Q0,a,b,c,d,A\n")
+    return root
+
+
 def test_compare_side_by_side(random_hf, tiny_data, tmp_path, capsys):
     out = tmp_path / "cmp"
     rc, err = run_cli(["--ckpt", random_hf[0], "--compare", random_hf[1], "--data-dir", tiny_data,
-                       "--tasks", "ppl", "js", "--limit", "2", "--max-new-tokens", "8", "--out", str(out), "--device", "cpu"],
-                      capsys)
+                       "--tasks", "ppl", "js", "mmlu", "--mmlu", str(write_mmlu(tmp_path / "mmlu")),
+                       "--limit", "2", "--max-new-tokens", "8", "--out", str(out), "--device", "cpu"], capsys)
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
     a, b = (r["tasks"] for r in report["runs"])
+    assert a["mmlu"]["n"] == 2 and a["mmlu"]["shots"] == 5 and a["mmlu"]["accuracy"] in (0, 0.5, 1)
     assert report["delta"]["ppl"]["loss/js"] == pytest.approx(a["ppl"]["loss/js"] - b["ppl"]["loss/js"])
     assert a["ppl"]["loss/js"] != b["ppl"]["loss/js"]  # really two models
     md = (out / "report.md").read_text()
@@ -90,22 +100,30 @@ def test_compare_side_by_side(random_hf, tiny_data, tmp_path, capsys):
 
 def test_samples_scoring_canonical_and_wrong(tmp_path, capsys):
     he = execute.humaneval_problems()[:4]
-    js = execute.load_js_problems()[:3]
+    js = execute.load_js_problems()[:4]
     rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in he[:3]]
     rows.append({"task_id": he[3]["task_id"], "completion": "    return None\n"})
-    for p in js:
+    for p in js[:3]:
         rows += [{"task_id": p["name"], "completion": p["canonical_solution"]},
                  {"task_id": p["name"], "completion": "  return null;\n}\n"}]
+    rows.append({"task_id": js[3]["name"], "completion": "  while (true) {}\n}\n"})  # hostile: never ends
+    mbpp = tmp_path / "mbpp.jsonl"
+    mbpp.write_text(json.dumps({"task_id": 11, "text": "Add two numbers.", "code": "def add(a, b):\n    return a + b",
+                                "test_list": ["assert add(1, 2) == 3"]}) + "\n")
+    # a completion from elsewhere that runs on past its function is cut at the stop tokens
+    rows.append({"task": "mbpp", "task_id": "mbpp/11", "completion": "def add(a, b):\n    return a + b\nassert add(1, 1) == 3\n"})
     path = tmp_path / "samples.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc, err = run_cli(["--samples", str(path), "--tasks", "humaneval", "js-exec", "--limit", "4",
-                       "--workers", "2", "--out", str(tmp_path / "out")], capsys)
+    rc, err = run_cli(["--samples", str(path), "--tasks", "humaneval", "js-exec", "mbpp", "--mbpp", str(mbpp),
+                       "--limit", "4", "--workers", "2", "--out", str(tmp_path / "out")], capsys)
     assert rc == 0, err
     tasks = json.loads((tmp_path / "out" / "report.json").read_text())["runs"][0]["tasks"]
     assert tasks["humaneval"]["problems"] == 4 and tasks["humaneval"]["pass@1"] == 0.75
-    # 1 of 2 samples right per problem: pass@1 = 0.5, pass@2 = 1
-    assert tasks["js-exec"]["problems"] == 3
-    assert tasks["js-exec"]["pass@1"] == 0.5 and "pass@10" not in tasks["js-exec"]
+    assert tasks["mbpp"]["pass@1"] == 1.0
+    assert any("timeout" in f for f in tasks["js-exec"]["failures"])
+    # 1 of 2 samples right on 3 problems (pass@1 = 0.5 each), the 4th never ends (0)
+    assert tasks["js-exec"]["problems"] == 4
+    assert tasks["js-exec"]["pass@1"] == pytest.approx(1.5 / 4) and "pass@10" not in tasks["js-exec"]
     assert "sandbox:" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -153,12 +171,9 @@ def test_loglikelihoods_match_full_forward(random_hf):
 
 
 def test_mmlu_and_mbpp_loaders(tmp_path):
-    (tmp_path / "mmlu" / "test").mkdir(parents=True)
-    (tmp_path / "mmlu" / "dev").mkdir()
-    (tmp_path / "mmlu" / "test" / "astronomy_test.csv").write_text('"What is 1+1, really?",1,2,3,4,B\nQ2,a,b,c,d,D\n')
-    (tmp_path / "mmlu" / "dev" / "astronomy_dev.csv").write_text("Q0,a,b,c,d,A\n")
-    test, dev = validate.load_mmlu(tmp_path / "mmlu")
-    assert test == [("astronomy", "What is 1+1, really?", ["1", "2", "3", "4"], 1), ("astronomy", "Q2", list("abcd"), 3)]
+    test, dev = validate.load_mmlu(write_mmlu(tmp_path / "mmlu"))
+    assert test == [("astronomy", "What is 1+1, really?", ["1", "2", "3", "4"], 1), ("astronomy", "Q2", list("abcd"), 3),
+                    ("virology", "Q3", list("abcd"), 2)]
     assert dev == [("astronomy", "Q0", list("abcd"), 0)]
     assert validate.mmlu_question("Q", list("abcd"), 2).endswith("\nD. d\nAnswer: C\n\n")
 
@@ -173,6 +188,15 @@ def test_mmlu_and_mbpp_loaders(tmp_path):
         validate.load_mbpp(tmp_path / "bad.jsonl")
 
 
+def test_prefix_validity_needs_markup():
+    junk = "odel lou rice dressust"  # what a random model writes: text, valid inside any element
+    assert not validate.prefix_ok("xml", "<a>\n  <b>", junk, *validate.check_docs("xml", ["<a>\n  <b>" + junk])[0])
+    assert validate.prefix_ok("xml", "<a>\n  <b>", "x</b>\n  <c k=\"v\">y", *validate.check_docs("xml", ["<a>\n  <b>x</b>\n  <c k=\"v\">y"])[0])
+    assert not validate.prefix_ok("xml", "<a>\n", "<b k=v>", *validate.check_docs("xml", ["<a>\n<b k=v>"])[0])
+    assert not validate.prefix_ok("mdx", "# T\n\n<Note>\n", junk, False, "line 3: Expected a closing tag for `<Note>` (3:1-3:7)")
+    assert validate.prefix_ok("mdx", "# T\n\n", "## Sub\n\n<Note>\nhi", False, "line 5: Expected a closing tag for `<Note>` (5:1-5:7)")
+
+
 def test_quick_domain_metrics(random_hf, tiny_data):
     from ckpt import load_for_inference
     from transformers import AutoTokenizer
@@ -183,7 +207,7 @@ def test_quick_domain_metrics(random_hf, tiny_data):
     assert set(m) == {f"{k}_{v}" for k in ("xml", "mdx", "js", "domain") for v in ("valid", "prefix_valid")}
     assert all(0 <= v <= 1 for v in m.values())
     assert m["domain_valid"] == pytest.approx((m["xml_valid"] + m["mdx_valid"] + m["js_valid"]) / 3)
-    assert all(m[f"{k}_prefix_valid"] >= m[f"{k}_valid"] for k in ("xml", "mdx", "js"))
+
     assert model.training  # left as it was
 
 
@@ -194,3 +218,32 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
                       (["--ckpt", str(tmp_path), "--tasks", "mbpp"], "needs --mbpp")]:
         rc, err = run_cli(args + ["--out", str(tmp_path / "o")], capsys)
         assert rc == 1 and err.startswith("error: ") and msg in err and err.count("\n") == 1, (args, err)
+
+
+def test_hostile_python_samples_fail_and_change_nothing(tmp_path, capsys):
+    root = Path(validate.__file__).parent
+    before = sorted(p.name for p in root.iterdir())
+    evil = [f"    open({str(root / 'PWNED')!r}, 'w').write('x')\n    return 0\n",
+            f"    import os; os.system('touch {root / 'PWNED2'}')\n    return 0\n",
+            "    import socket; socket.create_connection(('1.1.1.1', 53), timeout=2)\n    return 0\n"]
+    he = execute.humaneval_problems()[:len(evil)]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps({"task_id": p["task_id"], "completion": e}) + "\n" for p, e in zip(he, evil)))
+    rc, err = run_cli(["--samples", str(path), "--tasks", "humaneval", "--workers", "3", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    tasks = json.loads((tmp_path / "o" / "report.json").read_text())["runs"][0]["tasks"]
+    assert tasks["humaneval"]["pass@1"] == 0.0
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_without_node_mdx_is_flagged_approximate(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SHEIKH_NO_NODE", "1")
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"task": "mdx", "task_id": "mdx/a", "prompt": "# T\n\n", "completion": "<Note>x</Note>\n"}) + "\n"
+                    + json.dumps({"task": "mdx", "task_id": "mdx/b", "prompt": "# T\n\n", "completion": "<Note>x\n\nhi {"}) + "\n")
+    rc, err = run_cli(["--samples", str(path), "--tasks", "mdx", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["mdx_exact"] is False and report["runs"][0]["tasks"]["mdx"]["approximate"] is True
+    assert report["runs"][0]["tasks"]["mdx"]["valid_rate"] == 0.5
+    assert "MDX validity is APPROXIMATE" in (tmp_path / "o" / "report.md").read_text()

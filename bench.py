@@ -1,0 +1,367 @@
+"""Speed against baselines, side by side in one run, by the command anyone can re-run (issue 8).
+
+  python bench.py                                          # everything on config/tiny.py
+  python bench.py --what train,ckpt --json out/bench.json  # some measurements, JSON as well as the table
+  python bench.py --config config/tiny.py --batch_size=16  # train.py config files and --key=value flags
+  python bench.py --smoke --json /tmp/bench.json           # everything, small shapes, under a minute on a CPU
+  python bench.py --gpu-table                              # CUDA: phi-2 sized, T=2048, bf16, compile x AC rows
+
+Each measurement is a JSON object: name, ours, baseline, unit, ratio (ours / baseline), better
+("higher"/"lower") and details. The baselines:
+  train    transformers.PhiForCausalLM from the same PhiConfig, trained by a plain loop (forward with labels,
+           backward, clip, AdamW step) with the same shapes, batch, optimizer, dtype, AC and compile settings.
+           Each side runs in its own fresh process, the sides interleaved; median step time after warm-up.
+           Peak memory: CUDA max_memory_allocated; CPU the peak RSS while training (VmHWM, reset through
+           /proc/self/clear_refs once the model is built) minus the RSS before the model was built.
+  ckpt     safetensors save_file / load_file of the same tensors (ckpt.bench_io).
+  loader   the batches per second the training step of this config consumes.
+  prepare  one process of tokenizers' encode_batch over the same files, without cleaning, dedup or writing.
+  monitor  the same step loop with TensorBoard off and W&B disabled (metrics.jsonl is always written).
+"""
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+
+import psutil
+import torch
+
+import ckpt
+from model.phi import PhiConfig
+from monitor import Monitor, flops_per_token, peak_flops
+from train import adamw, apply_ac, apply_compile, build_model, load_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GPU_TABLE = ["--model_preset=phi-2", "--block_size=2048", "--dtype=bfloat16", "--batch_size=1", "--grad_accum=1"]
+
+
+# -- train: ours and the HF loop, each in a fresh process --------------------------------------------------------------
+
+def rss_bytes(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
+
+
+def peak_bytes(device, before):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - before
+    return rss_bytes("VmHWM") - before
+
+
+def our_step(model, opt, batches, ctx, cfg):
+    """train.py's step, minus the divergence guard's bookkeeping: sum-reduced micro-batch losses over the
+    valid-token count, clip, the one host sync, AdamW."""
+    n_valid = sum((y != -100).sum() for _, y in batches).float()
+    loss_sum = torch.zeros((), device=n_valid.device)
+    for x, y in batches:
+        with ctx:
+            _, micro_sum = model(x, y, reduction="sum")
+        (micro_sum / n_valid).backward()
+        loss_sum += micro_sum.detach()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    torch.stack([loss_sum, n_valid, gnorm.float()]).tolist()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def hf_step(model, opt, batches, ctx, cfg):
+    """The plain loop everyone writes: HF shifts `labels` itself, so it predicts T-1 tokens of x."""
+    for x, _ in batches:
+        with ctx:
+            loss = model(input_ids=x, labels=x).loss / len(batches)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    loss.item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def model_config(cfg):
+    if cfg.init_from != "scratch" or cfg.expand_layers or cfg.rope_scaling_factor != 1:
+        raise ValueError("bench.py measures random-init models: set init_from='scratch', expand_layers=0, "
+                         "rope_scaling_factor=1.0")
+    return PhiConfig.preset(cfg.model_preset)
+
+
+def train_side(side, args, steps, warmup):
+    """One side's training run in this (fresh) process -> step times, peak memory, FLOPs per token."""
+    cfg = load_config(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ptdtype = DTYPES[cfg.dtype]
+    mcfg = model_config(cfg)
+    torch.manual_seed(cfg.seed)
+    batches = [(x[:, :-1], x[:, 1:]) for x in torch.randint(0, mcfg.vocab_size, (
+        cfg.grad_accum, cfg.batch_size, cfg.block_size + 1), device=device)]
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
+    if side == "ours":
+        model, mcfg, _ = build_model(cfg, mcfg.vocab_size, 0, 1, device, ptdtype)
+        step = our_step
+    else:
+        import transformers
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(**mcfg.to_hf_dict())).to(device)
+        if cfg.activation_checkpointing != "none":
+            apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
+        if cfg.compile:
+            apply_compile(model)
+        step = hf_step
+    model.train()
+    opt = adamw(model, cfg, device)
+    ctx = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    reset_peak(device)
+    times, cpu_times = [], []
+    try:
+        for _ in range(warmup + steps):
+            t, c = time.perf_counter(), time.process_time()
+            step(model, opt, batches, ctx, cfg)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
+    except torch.OutOfMemoryError:
+        return dict(oom=True)
+    return dict(times=times[warmup:], cpu_times=cpu_times[warmup:], peak=peak_bytes(device, before),
+                fpt=flops_per_token(mcfg, cfg.block_size), micro_batches=cfg.grad_accum,
+                tokens=cfg.grad_accum * cfg.batch_size * cfg.block_size, device=device.type,
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+
+
+def in_fresh_process(fn, *args):
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(fn, *args).result()
+
+
+def bench_train(args, steps, warmup, rounds, label="train"):
+    runs = {"ours": [], "hf": []}
+    for r in range(rounds):  # interleaved, order alternating: a busy neighbour slows both sides alike
+        for side in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
+            runs[side].append(in_fresh_process(train_side, side, args, steps, warmup))
+    if any(run.get("oom") for rs in runs.values() for run in rs):
+        oom = [s for s, rs in runs.items() if any(run.get("oom") for run in rs)]
+        return [row(f"{label}/tokens_per_s", None, None, "tok/s", "higher", out_of_memory=oom)], None
+    fig, cpu = {}, runs["ours"][0]["device"] == "cpu"
+    for side, rs in runs.items():  # CPU: the process's CPU time, as neighbours on a shared box steal wall time
+        dt = statistics.median(t for run in rs for t in run["cpu_times" if cpu else "times"])
+        tok_s = rs[0]["tokens"] / dt
+        pf = peak_flops(rs[0]["device_name"]) if rs[0]["device"] == "cuda" else None
+        fig[side] = dict(dt=dt, tok_s=tok_s, wall=statistics.median(t for run in rs for t in run["times"]),
+                         peak=statistics.median(run["peak"] for run in rs) / 2**20,
+                         mfu=100 * rs[0]["fpt"] * tok_s / pf if pf else None)
+    o, b = fig["ours"], fig["hf"]
+    steps_info = dict(steps=steps, warmup=warmup, rounds=rounds, tokens_per_step=runs["ours"][0]["tokens"])
+    rows = [row(f"{label}/step_time", o["dt"] * 1e3, b["dt"] * 1e3, "ms", "lower", **steps_info,
+                clock="process CPU time" if cpu else "wall", wall_ms=o["wall"] * 1e3, baseline_wall_ms=b["wall"] * 1e3),
+            row(f"{label}/tokens_per_s", o["tok_s"], b["tok_s"], "tok/s", "higher", mfu_pct=o["mfu"],
+                baseline_mfu_pct=b["mfu"]),
+            row(f"{label}/peak_memory", o["peak"], b["peak"], "MiB", "lower",
+                how="cuda max_memory_allocated" if runs["ours"][0]["device"] == "cuda" else
+                "peak RSS while training minus RSS before the model was built")]
+    return rows, runs["ours"][0]["micro_batches"] / o["dt"]  # loader batches per second the run consumes
+
+
+# -- ckpt, loader, prepare, monitor -----------------------------------------------------------------------------------
+
+def bench_ckpt(tmp, n_params, repeats):
+    r = ckpt.bench_io(tmp, n_params=n_params, repeats=repeats)
+    info = dict(gb=r["gb"], params=n_params, repeats=repeats, best_of=True)
+    return [row("ckpt/save", r["save_gbps"], r["st_save_gbps"], "GB/s", "higher",
+                vs_save_file_fsync=r["save_ratio_fsync"], **info),
+            row("ckpt/load", r["load_gbps"], r["st_load_gbps"], "GB/s", "higher", **info)]
+
+
+def bench_prepare(tmp, n_docs, vocab):
+    """MB/s of data/prepare.py over files of the synthetic corpus, with an already trained tokenizer."""
+    from tokenizers import Tokenizer
+
+    from data.prepare import prepare
+    from data.synth import generate_corpus
+    src = os.path.join(tmp, "src")
+    os.makedirs(src)
+    for i, (lang, text) in enumerate(generate_corpus(n_docs)):
+        with open(os.path.join(src, f"doc{i:05d}.{lang}"), "w") as f:
+            f.write(text)
+    first = prepare([src], out=os.path.join(tmp, "data"), train_tokenizer=vocab, quiet=True)  # also the loader's data
+    t = time.perf_counter()
+    meta = prepare([src], out=os.path.join(tmp, "data2"), tokenizer=first["tokenizer"], quiet=True)
+    ours = meta["mb_read"] / (time.perf_counter() - t)
+    t = time.perf_counter()
+    texts = []
+    for name in sorted(os.listdir(src)):
+        with open(os.path.join(src, name), encoding="utf-8") as f:
+            texts.append(f.read())
+    tok = Tokenizer.from_file(os.path.join(first["tokenizer"], "tokenizer.json"))
+    tok.encode_batch(texts, add_special_tokens=False)
+    base = sum(len(s.encode()) for s in texts) / 1e6 / (time.perf_counter() - t)
+    return [row("prepare/throughput", ours, base, "MB/s", "higher", docs=n_docs, mb=meta["mb_read"])], \
+        os.path.join(tmp, "data")
+
+
+def bench_loader(cfg, data_dir, n_batches, consumed):
+    from data.loader import TokenLoader
+    loader = TokenLoader(data_dir, cfg.batch_size, cfg.block_size, seed=cfg.seed)
+    loader.next_batch()
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        loader.next_batch()
+    ours = n_batches / (time.perf_counter() - t)
+    return [row("loader/batches_per_s", ours, consumed, "batch/s", "higher", batch_size=cfg.batch_size,
+                block_size=cfg.block_size, baseline_is="batches per second the training step consumes")]
+
+
+def cpu_tree():
+    procs = [psutil.Process()]
+    procs += procs[0].children(recursive=True)
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):  # a child may exit between the listing and the read
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def bench_monitor(cfg, args, tmp, steps, rounds):
+    """The training step loop with log_step every step: all sinks on vs off, interleaved blocks of steps. On a CPU
+    a block costs the CPU time of this process and its children (W&B logs from a service process)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, mcfg, _ = build_model(cfg, model_config(cfg).vocab_size, 0, 1, device, DTYPES[cfg.dtype])
+    opt = adamw(model, cfg, device)
+    ctx = torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "float32" else nullcontext()
+    x = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
+    batches = [(x[:, :-1], x[:, 1:])]
+    os.environ.pop("WANDB_MODE", None)  # it would override wandb_mode on both sides
+    kw = dict(config=vars(cfg), system_interval=cfg.system_interval, device=device,
+              flops_per_token=flops_per_token(mcfg, cfg.block_size))
+    with contextlib.redirect_stdout(io.StringIO()):
+        mons = {"on": Monitor(os.path.join(tmp, "on"), tensorboard=True, wandb_mode="offline", **kw),
+                "off": Monitor(os.path.join(tmp, "off"), tensorboard=False, wandb_mode="disabled", **kw)}
+    per_step, wall, log_cost, step = {"on": [], "off": []}, {"on": [], "off": []}, {"on": [], "off": []}, 0
+    our_step(model, opt, batches, ctx, cfg)  # warm-up
+    with contextlib.redirect_stdout(io.StringIO()):  # the console line is printed on both sides; not shown here
+        for r in range(rounds):
+            for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                t0, c0 = time.perf_counter(), cpu_tree()
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    our_step(model, opt, batches, ctx, cfg)
+                    dt = time.perf_counter() - t
+                    step += 1
+                    t = time.perf_counter()
+                    mons[side].log_step(step, dict(loss=1.0, lr=1e-3, grad_norm=1.0, dt=dt, data_wait=0.0,
+                                                   tokens=cfg.batch_size * cfg.block_size), model=model)
+                    log_cost[side].append(time.perf_counter() - t)
+                wall[side].append((time.perf_counter() - t0) / steps)
+                per_step[side].append(wall[side][-1] if device.type == "cuda" else (cpu_tree() - c0) / steps)
+        sinks = dict(tensorboard=mons["on"].tb is not None, wandb=mons["on"].wandb is not None)  # a failed sink is off
+        for m in mons.values():
+            m.finish({"stop_reason": "bench"})
+    on, off = statistics.median(per_step["on"]), statistics.median(per_step["off"])
+    lon, loff = statistics.median(log_cost["on"]), statistics.median(log_cost["off"])
+    return [row("monitor/step_time", on * 1e3, off * 1e3, "ms", "lower", overhead_pct=100 * (on / off - 1),
+                clock="wall" if device.type == "cuda" else "CPU time of the process tree", sinks_on=sinks,
+                wall_ms_on=statistics.median(wall["on"]) * 1e3, wall_ms_off=statistics.median(wall["off"]) * 1e3,
+                log_step_ms_on=lon * 1e3, log_step_ms_off=loff * 1e3,
+                log_step_overhead_pct=100 * (lon - loff) / off, steps=steps, rounds=rounds)]
+
+
+# -- output ------------------------------------------------------------------------------------------------------------
+
+def row(name, ours, baseline, unit, better, **details):
+    ratio = ours / baseline if ours is not None and baseline else None
+    return dict(name=name, ours=ours, baseline=baseline, unit=unit, ratio=ratio, better=better, details=details)
+
+
+def fmt(v):
+    return "-" if v is None else f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+def print_table(rows):
+    print(f"{'measurement':<28}{'ours':>12}{'baseline':>12}  {'unit':<8}{'ratio':>8}  better")
+    for r in rows:
+        print(f"{r['name']:<28}{fmt(r['ours']):>12}{fmt(r['baseline']):>12}  {r['unit']:<8}{fmt(r['ratio']):>8}  "
+              f"{r['better']}")
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Other arguments are train.py's: config files and --key=value flags.")
+    p.add_argument("--config", action="append", default=[], help="a train.py config file (default config/tiny.py)")
+    p.add_argument("--what", default="train,ckpt,loader,prepare,monitor", help="comma-separated measurements")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--smoke", action="store_true", help="small shapes and few steps: under a minute on a CPU")
+    p.add_argument("--gpu-table", action="store_true", help="CUDA: compile off/on x AC none/selective/full rows")
+    p.add_argument("--steps", type=int, default=None, help="measured training steps per process")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved repetitions of each side")
+    a, rest = p.parse_known_args(argv)
+    files = a.config + [x for x in rest if not x.startswith("--")] or ["config/tiny.py"]
+    flags = ["--batch_size=4", "--block_size=64"] if a.smoke else []
+    flags += [x for x in rest if x.startswith("--")]  # the user's flags win
+    args = files + flags
+    what = set(a.what.split(","))
+    unknown = what - {"train", "ckpt", "loader", "prepare", "monitor"}
+    if unknown:
+        raise ValueError(f"--what: unknown measurement {sorted(unknown)[0]!r}; use train,ckpt,loader,prepare,monitor")
+    steps = a.steps or (3 if a.smoke else 10)
+    rounds = a.rounds or (1 if a.smoke else 3)
+    cfg = load_config(args)
+    model_config(cfg)
+    rows, consumed = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.gpu_table:
+            if not torch.cuda.is_available():
+                raise ValueError("--gpu-table needs a CUDA device")
+            for compile_ in (False, True):
+                for ac in ("none", "selective", "full"):
+                    row_args = files + GPU_TABLE + flags + [f"--compile={compile_}", f"--activation_checkpointing={ac}"]
+                    rows += bench_train(row_args, steps, 2, rounds, label=f"phi2/compile={compile_},ac={ac}")[0]
+                    print_table(rows[-3:])
+        if "train" in what:
+            r, consumed = bench_train(args, steps, 1 if a.smoke else 3, rounds)
+            rows += r
+        if "ckpt" in what:
+            rows += bench_ckpt(tmp, (4 << 20) if a.smoke else (32 << 20), 1 if a.smoke else 3)
+        data_dir = None
+        if what & {"prepare", "loader"}:
+            r, data_dir = bench_prepare(tmp, 200 if a.smoke else 1500, 512 if a.smoke else cfg.tokenizer_vocab)
+            rows += r if "prepare" in what else []
+        if "loader" in what:
+            if consumed is None:  # a short measured run of our step, in this process
+                consumed = cfg.grad_accum / statistics.median(train_side("ours", args, 3, 1)["cpu_times"])
+            rows += bench_loader(cfg, data_dir, 50 if a.smoke else 500, consumed)
+        if "monitor" in what:
+            rows += bench_monitor(cfg, args, tmp, 3 if a.smoke else 10, 2 if a.smoke else 8)
+    print_table(rows)
+    if a.json:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+        out = dict(command="python bench.py " + " ".join(argv), date=datetime.date.today().isoformat(),
+                   commit=commit, device=device, torch_threads=torch.get_num_threads(), results=rows)
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

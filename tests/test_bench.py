@@ -1,0 +1,40 @@
+"""bench.py runs end to end: every measurement is there, with positive figures. Speed is never asserted here."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from conftest import ROOT
+
+EXPECTED = {"train/step_time", "train/tokens_per_s", "train/peak_memory", "ckpt/save", "ckpt/load",
+            "prepare/throughput", "loader/batches_per_s", "monitor/step_time"}
+
+
+def test_smoke_writes_every_measurement(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "bench.py", "--smoke", "--json", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["commit"] and res["date"] and res["command"].startswith("python bench.py --smoke")
+    rows = {row["name"]: row for row in res["results"]}
+    assert set(rows) == EXPECTED
+    for name, row in rows.items():
+        assert row["unit"] and row["better"] in ("higher", "lower"), name
+        for key in ("ours", "baseline", "ratio"):
+            assert isinstance(row[key], float) and row[key] > 0, (name, key, row[key])
+        assert abs(row["ratio"] - row["ours"] / row["baseline"]) < 1e-9 * row["ratio"], name
+        assert name in r.stdout  # the printed table
+    assert rows["train/tokens_per_s"]["details"]["mfu_pct"] is None  # CPU: no peak FLOPs to compare with
+    assert rows["train/peak_memory"]["details"]["how"].startswith("peak RSS")
+
+
+def test_bad_arguments_give_one_line_errors():
+    cases = [(["--what", "train,speed"], "unknown measurement 'speed'"),
+             (["--what", "train", "--init_from=/some/phi-2"], "random-init models")]
+    if not torch.cuda.is_available():
+        cases.append((["--gpu-table"], "needs a CUDA device"))
+    for args, msg in cases:
+        r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
