@@ -10,9 +10,11 @@ Each measurement is a JSON object: name, ours, baseline, unit, ratio (ours / bas
 ("higher"/"lower") and details. The baselines:
   train    transformers.PhiForCausalLM from the same PhiConfig, trained by a plain loop (forward with labels,
            backward, clip, AdamW step) with the same shapes, batch, optimizer, dtype, AC and compile settings.
-           Each side runs in its own fresh process, the sides interleaved; median step time after warm-up.
-           Peak memory: CUDA max_memory_allocated; CPU the peak RSS while training (VmHWM, reset through
-           /proc/self/clear_refs once the model is built) minus the RSS before the model was built.
+           Median step time after warm-up. CUDA: each side alone in a fresh process, wall time. CPU: both sides
+           in one fresh process, steps alternating, timed by the process's CPU time (a shared box steals wall
+           time from whoever runs). Peak memory, each side alone in a fresh process: CUDA max_memory_allocated;
+           CPU the peak RSS while training (VmHWM, reset through /proc/self/clear_refs once the model is built)
+           minus the RSS before the model was built.
   ckpt     safetensors save_file / load_file of the same tensors (ckpt.bench_io).
   loader   the batches per second the training step of this config consumes.
   prepare  one process of tokenizers' encode_batch over the same files, without cleaning, dedup or writing.
@@ -35,6 +37,7 @@ from contextlib import nullcontext
 
 import psutil
 import torch
+import transformers
 
 import ckpt
 from model.phi import PhiConfig
@@ -45,7 +48,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 GPU_TABLE = ["--model_preset=phi-2", "--block_size=2048", "--dtype=bfloat16", "--batch_size=1", "--grad_accum=1"]
 
 
-# -- train: ours and the HF loop, each in a fresh process --------------------------------------------------------------
+# -- train: ours and the HF loop, in fresh processes -------------------------------------------------------------------
 
 def rss_bytes(field="VmRSS"):
     with open("/proc/self/status") as f:
@@ -102,23 +105,18 @@ def model_config(cfg):
     return PhiConfig.preset(cfg.model_preset)
 
 
-def train_side(side, args, steps, warmup):
-    """One side's training run in this (fresh) process -> step times, peak memory, FLOPs per token."""
-    cfg = load_config(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ptdtype = DTYPES[cfg.dtype]
-    mcfg = model_config(cfg)
+def setup(side, cfg, device):
+    """-> a no-argument training step for one side, and the model's PhiConfig."""
+    mcfg, ptdtype = model_config(cfg), DTYPES[cfg.dtype]
     torch.manual_seed(cfg.seed)
     batches = [(x[:, :-1], x[:, 1:]) for x in torch.randint(0, mcfg.vocab_size, (
         cfg.grad_accum, cfg.batch_size, cfg.block_size + 1), device=device)]
-    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
     if side == "ours":
         model, mcfg, _ = build_model(cfg, mcfg.vocab_size, 0, 1, device, ptdtype)
         step = our_step
     else:
-        import transformers
         model = transformers.PhiForCausalLM(transformers.PhiConfig(**mcfg.to_hf_dict())).to(device)
-        if cfg.activation_checkpointing != "none":
+        if cfg.activation_checkpointing != "none":  # the same techniques, applied the same way
             apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
         if cfg.compile:
             apply_compile(model)
@@ -126,55 +124,88 @@ def train_side(side, args, steps, warmup):
     model.train()
     opt = adamw(model, cfg, device)
     ctx = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    return lambda: step(model, opt, batches, ctx, cfg), mcfg
+
+
+def timed(step, device):
+    t, c = time.perf_counter(), time.process_time()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def train_side(side, args, steps, warmup):
+    """One side alone in this (fresh) process -> wall and CPU step times, peak memory, FLOPs per token."""
+    cfg = load_config(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
+    step, mcfg = setup(side, cfg, device)
     reset_peak(device)
-    times, cpu_times = [], []
     try:
-        for _ in range(warmup + steps):
-            t, c = time.perf_counter(), time.process_time()
-            step(model, opt, batches, ctx, cfg)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            cpu_times.append(time.process_time() - c)
+        times = [timed(step, device) for _ in range(warmup + steps)][warmup:]
     except torch.OutOfMemoryError:
         return dict(oom=True)
-    return dict(times=times[warmup:], cpu_times=cpu_times[warmup:], peak=peak_bytes(device, before),
+    return dict(times=[t for t, _ in times], cpu_times=[c for _, c in times], peak=peak_bytes(device, before),
                 fpt=flops_per_token(mcfg, cfg.block_size), micro_batches=cfg.grad_accum,
                 tokens=cfg.grad_accum * cfg.batch_size * cfg.block_size, device=device.type,
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
 
+def train_pair(args, steps, warmup):
+    """CPU timing: both sides in this (fresh) process, their steps alternating, so the load that
+    neighbours put on a shared box falls on both alike. -> {side: [(wall, cpu), ...]}"""
+    cfg, device = load_config(args), torch.device("cpu")
+    steps_of = {side: setup(side, cfg, device)[0] for side in ("ours", "hf")}
+    times = {side: [] for side in steps_of}
+    for i in range(warmup + steps):
+        for side in ("ours", "hf") if i % 2 == 0 else ("hf", "ours"):
+            times[side].append(timed(steps_of[side], device))
+    return {side: t[warmup:] for side, t in times.items()}
+
+
+def fresh_processes(n):
+    # fork on the CPU: nothing has computed in this process yet (train runs first), and a fork starts in
+    # milliseconds where spawn re-imports torch and transformers; CUDA needs spawn
+    return ProcessPoolExecutor(n, mp_context=mp.get_context("spawn" if torch.cuda.is_available() else "fork"))
+
+
 def in_fresh_process(fn, *args):
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+    with fresh_processes(1) as ex:
         return ex.submit(fn, *args).result()
 
 
-def bench_train(args, steps, warmup, rounds, label="train"):
-    runs = {"ours": [], "hf": []}
-    for r in range(rounds):  # interleaved, order alternating: a busy neighbour slows both sides alike
-        for side in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
-            runs[side].append(in_fresh_process(train_side, side, args, steps, warmup))
-    if any(run.get("oom") for rs in runs.values() for run in rs):
-        oom = [s for s, rs in runs.items() if any(run.get("oom") for run in rs)]
+def bench_train(args, steps, warmup, label="train"):
+    """CUDA: each side in its own process (timing and memory). CPU: memory likewise, timing by train_pair;
+    the step time is the process's CPU time there, as neighbours on a shared box steal wall time."""
+    cuda = torch.cuda.is_available()
+    if cuda:  # one at a time: each times its own steps
+        runs = {side: in_fresh_process(train_side, side, args, steps, warmup) for side in ("ours", "hf")}
+    else:  # only peak memory here, which is per process: both at once
+        with fresh_processes(2) as ex:
+            runs = {side: ex.submit(train_side, side, args, 2, 1) for side in ("ours", "hf")}
+            runs = {side: f.result() for side, f in runs.items()}
+    oom = [side for side, run in runs.items() if run.get("oom")]
+    if oom:
         return [row(f"{label}/tokens_per_s", None, None, "tok/s", "higher", out_of_memory=oom)], None
-    fig, cpu = {}, runs["ours"][0]["device"] == "cpu"
-    for side, rs in runs.items():  # CPU: the process's CPU time, as neighbours on a shared box steal wall time
-        dt = statistics.median(t for run in rs for t in run["cpu_times" if cpu else "times"])
-        tok_s = rs[0]["tokens"] / dt
-        pf = peak_flops(rs[0]["device_name"]) if rs[0]["device"] == "cuda" else None
-        fig[side] = dict(dt=dt, tok_s=tok_s, wall=statistics.median(t for run in rs for t in run["times"]),
-                         peak=statistics.median(run["peak"] for run in rs) / 2**20,
-                         mfu=100 * rs[0]["fpt"] * tok_s / pf if pf else None)
+    if not cuda:
+        for side, t in in_fresh_process(train_pair, args, steps, warmup).items():
+            runs[side].update(times=[w for w, _ in t], cpu_times=[c for _, c in t])
+    fig, info = {}, runs["ours"]
+    pf = peak_flops(info["device_name"]) if cuda else None
+    for side, run in runs.items():
+        dt = statistics.median(run["times" if cuda else "cpu_times"])
+        fig[side] = dict(dt=dt, tok_s=info["tokens"] / dt, wall=statistics.median(run["times"]),
+                         peak=run["peak"] / 2**20, mfu=100 * info["fpt"] * info["tokens"] / dt / pf if pf else None)
     o, b = fig["ours"], fig["hf"]
-    steps_info = dict(steps=steps, warmup=warmup, rounds=rounds, tokens_per_step=runs["ours"][0]["tokens"])
-    rows = [row(f"{label}/step_time", o["dt"] * 1e3, b["dt"] * 1e3, "ms", "lower", **steps_info,
-                clock="process CPU time" if cpu else "wall", wall_ms=o["wall"] * 1e3, baseline_wall_ms=b["wall"] * 1e3),
+    rows = [row(f"{label}/step_time", o["dt"] * 1e3, b["dt"] * 1e3, "ms", "lower", steps=steps, warmup=warmup,
+                tokens_per_step=info["tokens"], clock="wall" if cuda else "process CPU time",
+                wall_ms=o["wall"] * 1e3, baseline_wall_ms=b["wall"] * 1e3),
             row(f"{label}/tokens_per_s", o["tok_s"], b["tok_s"], "tok/s", "higher", mfu_pct=o["mfu"],
                 baseline_mfu_pct=b["mfu"]),
-            row(f"{label}/peak_memory", o["peak"], b["peak"], "MiB", "lower",
-                how="cuda max_memory_allocated" if runs["ours"][0]["device"] == "cuda" else
-                "peak RSS while training minus RSS before the model was built")]
-    return rows, runs["ours"][0]["micro_batches"] / o["dt"]  # loader batches per second the run consumes
+            row(f"{label}/peak_memory", o["peak"], b["peak"], "MiB", "lower", how="cuda max_memory_allocated" if cuda
+                else "peak RSS while training minus RSS before the model was built")]
+    return rows, info["micro_batches"] / o["dt"]  # loader batches per second the run consumes
 
 
 # -- ckpt, loader, prepare, monitor -----------------------------------------------------------------------------------
@@ -237,7 +268,7 @@ def cpu_tree():
     return total
 
 
-def bench_monitor(cfg, args, tmp, steps, rounds):
+def bench_monitor(cfg, tmp, steps, rounds):
     """The training step loop with log_step every step: all sinks on vs off, interleaved blocks of steps. On a CPU
     a block costs the CPU time of this process and its children (W&B logs from a service process)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -300,7 +331,7 @@ def print_table(rows):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other arguments are train.py's: config files and --key=value flags.")
     p.add_argument("--config", action="append", default=[], help="a train.py config file (default config/tiny.py)")
@@ -308,8 +339,7 @@ def main(argv):
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--smoke", action="store_true", help="small shapes and few steps: under a minute on a CPU")
     p.add_argument("--gpu-table", action="store_true", help="CUDA: compile off/on x AC none/selective/full rows")
-    p.add_argument("--steps", type=int, default=None, help="measured training steps per process")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved repetitions of each side")
+    p.add_argument("--steps", type=int, default=None, help="measured training steps of each side")
     a, rest = p.parse_known_args(argv)
     files = a.config + [x for x in rest if not x.startswith("--")] or ["config/tiny.py"]
     flags = ["--batch_size=4", "--block_size=64"] if a.smoke else []
@@ -319,8 +349,7 @@ def main(argv):
     unknown = what - {"train", "ckpt", "loader", "prepare", "monitor"}
     if unknown:
         raise ValueError(f"--what: unknown measurement {sorted(unknown)[0]!r}; use train,ckpt,loader,prepare,monitor")
-    steps = a.steps or (3 if a.smoke else 10)
-    rounds = a.rounds or (1 if a.smoke else 3)
+    steps = a.steps or (3 if a.smoke else 30)
     cfg = load_config(args)
     model_config(cfg)
     rows, consumed = [], None
@@ -331,23 +360,29 @@ def main(argv):
             for compile_ in (False, True):
                 for ac in ("none", "selective", "full"):
                     row_args = files + GPU_TABLE + flags + [f"--compile={compile_}", f"--activation_checkpointing={ac}"]
-                    rows += bench_train(row_args, steps, 2, rounds, label=f"phi2/compile={compile_},ac={ac}")[0]
+                    rows += bench_train(row_args, steps, 2, label=f"phi2/compile={compile_},ac={ac}")[0]
                     print_table(rows[-3:])
-        if "train" in what:
-            r, consumed = bench_train(args, steps, 1 if a.smoke else 3, rounds)
+        for name in ("train", "ckpt", "prepare", "loader", "monitor"):
+            if name not in what and not (name == "prepare" and "loader" in what):
+                continue
+            t = time.perf_counter()
+            if name == "train":
+                r, consumed = bench_train(args, steps, 1 if a.smoke else 3)
+            elif name == "ckpt":
+                r = bench_ckpt(tmp, (4 << 20) if a.smoke else (32 << 20), 1 if a.smoke else 3)
+            elif name == "prepare":  # also makes the loader's data
+                r, data_dir = bench_prepare(tmp, 200 if a.smoke else 1500, 512 if a.smoke else cfg.tokenizer_vocab)
+                r = r if "prepare" in what else []
+            elif name == "loader":
+                if consumed is None:  # a short measured run of our step, in this process
+                    run = train_side("ours", args, 3, 1)
+                    clock = "cpu_times" if run["device"] == "cpu" else "times"
+                    consumed = cfg.grad_accum / statistics.median(run[clock])
+                r = bench_loader(cfg, data_dir, 50 if a.smoke else 500, consumed)
+            else:
+                r = bench_monitor(cfg, tmp, 3 if a.smoke else 10, 2 if a.smoke else 8)
             rows += r
-        if "ckpt" in what:
-            rows += bench_ckpt(tmp, (4 << 20) if a.smoke else (32 << 20), 1 if a.smoke else 3)
-        data_dir = None
-        if what & {"prepare", "loader"}:
-            r, data_dir = bench_prepare(tmp, 200 if a.smoke else 1500, 512 if a.smoke else cfg.tokenizer_vocab)
-            rows += r if "prepare" in what else []
-        if "loader" in what:
-            if consumed is None:  # a short measured run of our step, in this process
-                consumed = cfg.grad_accum / statistics.median(train_side("ours", args, 3, 1)["cpu_times"])
-            rows += bench_loader(cfg, data_dir, 50 if a.smoke else 500, consumed)
-        if "monitor" in what:
-            rows += bench_monitor(cfg, args, tmp, 3 if a.smoke else 10, 2 if a.smoke else 8)
+            print(f"bench: {name} done in {time.perf_counter() - t:.0f}s", flush=True)
     print_table(rows)
     if a.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -373,13 +373,18 @@ def main(args):
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    if world_size > 1:  # torchrun's store outlives a restart: a fresh prefix per attempt hides the dead group's keys
+        store = next(dist.rendezvous("env://"))[0]
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", store)
+    if world_size > 1 or cfg.cpu_offload:  # offloading is FSDP's, so one process gets a one-rank group
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                store=store if world_size > 1 else dist.HashStore(),
+                                device_id=device if device.type == "cuda" else None)
     master = rank == 0
     if cfg.fsdp == "none" and world_size > 1:
         raise ValueError("fsdp=none trains in one process; use full_shard or shard_grad_op under torchrun")
-    if (cfg.auto_batch_size or cfg.ckpt_async) and device.type != "cuda":
-        raise ValueError("auto_batch_size and ckpt_async need CUDA; set them to False on the CPU")
+    if (cfg.auto_batch_size or cfg.ckpt_async or cfg.cpu_offload) and device.type != "cuda":
+        raise ValueError("auto_batch_size, ckpt_async and cpu_offload need CUDA; set them to False on the CPU")
     if master:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -391,7 +396,7 @@ def main(args):
     if cfg.synthetic_docs and not os.path.exists(os.path.join(cfg.data_dir, "meta.json")) and master:
         from data.prepare import prepare
         prepare([f"synthetic:{cfg.synthetic_docs}"], out=cfg.data_dir, train_tokenizer=cfg.tokenizer_vocab)
-    if world_size > 1:
+    if dist.is_initialized():
         dist.barrier()
     meta = read_meta(cfg.data_dir)
     tokenizer = AutoTokenizer.from_pretrained(meta["tokenizer"]) if cfg.eval_domain_prompts else None

@@ -7,9 +7,11 @@ Usage:
   python validate.py --samples out/validate/samples.jsonl --tasks js-exec humaneval   # no model needed
 
 Tasks: ppl xml mdx js js-exec humaneval mbpp mmlu codebleu (default: all whose inputs are present).
-xml/mdx/js report valid_rate (the whole document parses) and prefix_valid_rate (no error before the
-end, and for XML/MDX some markup written: what a model whose documents outgrow --max-new-tokens or
-its context can still get right).
+xml/mdx/js prompt with our prompt set and the beginnings of held-out documents short enough to be
+finished in the token budget, each cut after a line that opens something (element, JSX, block) the
+completion must close. They report valid_rate (the whole document parses) and prefix_valid_rate
+(no error before the end, and for XML/MDX some markup written: what a model whose documents outgrow
+--max-new-tokens or its context can still get right).
 Writes {out}/report.json, {out}/report.md and {out}/samples.jsonl: every prompt, completion and
 verdict, which --samples scores again, e.g. on a safer machine than the one that generated it.
 Generated code only ever runs in checkers/execute.py's sandboxes; XML, MDX and JS are parsed, never run.
@@ -55,13 +57,14 @@ PROMPTS = {
         '<?xml version="1.0" encoding="UTF-8"?>\n<manifest xmlns:android="http://schemas.android.com/apk/res/android">\n',
         '<users>\n  <user>\n    <name>Ada</name>\n',
     ],
-    "mdx": [
-        "---\ntitle: Getting started\n---\n\nimport { Callout } from './components'\n\n# Getting started\n\n",
+    "mdx": [  # each opens JSX or an expression that the completion must close
+        "---\ntitle: Getting started\n---\n\nimport { Callout } from './components'\n\n# Getting started\n\n"
+        "<Callout type=\"info\">\n",
         "# Button\n\nThe `Button` component triggers an action.\n\n<Button variant=\"primary\">",
-        "export const meta = { title: 'Introduction' }\n\n# Introduction\n\n",
+        "export const meta = { title: 'Introduction' }\n\n# {meta.",
         "import Chart from '../components/Chart'\n\n## Monthly sales\n\n<Chart data={[",
-        "# Installation\n\n```bash\nnpm install my-lib\n```\n\n",
-        "---\ntitle: Release notes\n---\n\n## v2.0.0\n\n- ",
+        "# Installation\n\n<Steps>\n\n```bash\nnpm install my-lib\n```\n\n",
+        "---\ntitle: Release notes\n---\n\n## v2.0.0\n\n<Badge color=\"green\">",
         "import { Tabs, Tab } from './tabs'\n\n<Tabs>\n  <Tab label=\"npm\">\n",
         "# API\n\n<Note>\n",
     ],
@@ -150,7 +153,7 @@ def complete(model, tokenizer, prompts, max_new_tokens, stop=(), temperature=0.0
     Prompts that leave no room are cut from the left; batches group prompts of similar length."""
     from model.generate import generate
     max_pos = model.cfg.max_position_embeddings
-    max_new = min(max_new_tokens, max_pos // 2)
+    max_new = gen_budget(model, max_new_tokens)
     ids = [tokenizer.encode(p, add_special_tokens=False)[-(max_pos - max_new):] or [tokenizer.eos_token_id or 0]
            for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -186,8 +189,8 @@ def samples_for(run, task, items, stop, n=1, max_new_tokens=None):
 # held-out documents
 
 
-def heldout_docs(data_dir, lang, n):
-    """Up to n decoded val documents of a language, evenly spread over val_{lang}.bin."""
+def heldout_docs(data_dir, lang, n, max_tokens=None):
+    """Up to n decoded val documents of a language (of at most max_tokens), evenly spread over val_{lang}.bin."""
     from data.loader import open_tokens, read_meta
     from transformers import AutoTokenizer
     meta = read_meta(data_dir)
@@ -196,7 +199,7 @@ def heldout_docs(data_dir, lang, n):
     tokens = np.asarray(open_tokens(data_dir, meta, "val", lang))
     ends = np.flatnonzero(tokens == meta["eos_id"])
     starts = np.concatenate([[0], ends[:-1] + 1])
-    spans = [(a, b) for a, b in zip(starts, ends) if b > a]
+    spans = [(a, b) for a, b in zip(starts, ends) if b > a and (max_tokens is None or b - a <= max_tokens)]
     pick = [spans[i] for i in np.linspace(0, len(spans) - 1, min(n, len(spans))).astype(int)] if spans else []
     tok = AutoTokenizer.from_pretrained(meta["tokenizer"], local_files_only=True)
     return [tok.decode(tokens[a:b].tolist()) for a, b in pick]
@@ -209,10 +212,38 @@ def split_doc(doc, frac):
     return "".join(lines[:k]), "".join(lines[k:])
 
 
-def validity_prompts(lang, data_dir, n_prompts, limit):
+# A line that opens what the rest of the document must close: an XML element, a JSX element, a JS block,
+# call or literal. Prompts end after one, so a completion must close it (plain text is valid MDX, and a
+# bare identifier is a valid JS statement: a prompt cut between blocks would test nothing).
+OPENS = {"xml": re.compile(r"<[A-Za-z_][^<>]*(?<!/)>\s*$"),
+         "mdx": re.compile(r"^\s*<[A-Z][\w.]*(\s[^<>]*)?(?<!/)>\s*$"),
+         "js": re.compile(r"[{(\[]\s*$")}
+
+
+def doc_prompt(lang, doc):
+    """The beginning of a held-out document: through the first opening line from a quarter of the
+    lines on (else the first anywhere, else a quarter of the lines)."""
+    lines = doc.splitlines(keepends=True)
+    k = max(1, int(len(lines) * 0.25))
+    opens = [i for i, line in enumerate(lines[:-1]) if OPENS[lang].search(line)]
+    k = next((i + 1 for i in opens if i + 1 >= k), opens[0] + 1 if opens else k)
+    return "".join(lines[:k])
+
+
+def gen_budget(model, max_new_tokens):
+    """New tokens complete() can give: half the context at most, so prompts keep the other half."""
+    return min(max_new_tokens, model.cfg.max_position_embeddings // 2)
+
+
+def validity_prompts(lang, data_dir, n_prompts, limit, max_tokens=None):
+    """Our prompt set, then beginnings of held-out documents short enough (max_tokens) to be completed.
+    Trailing whitespace is cut: BPE merges a newline with the indent after it, so a prompt ending in a
+    bare newline ends on a token seen mostly at the end of documents."""
     items = [(f"{lang}/set-{i}", p) for i, p in enumerate(PROMPTS[lang])]
     if data_dir:
-        items += [(f"{lang}/val-{i}", split_doc(d, 0.25)[0]) for i, d in enumerate(heldout_docs(data_dir, lang, n_prompts))]
+        docs = heldout_docs(data_dir, lang, n_prompts, max_tokens)
+        items += [(f"{lang}/val-{i}", doc_prompt(lang, d)) for i, d in enumerate(docs)]
+    items = [(tid, p.rstrip()) for tid, p in items]
     return items[:limit] if limit else items
 
 
@@ -252,7 +283,9 @@ def prefix_ok(lang, prompt, completion, ok, err):
 
 
 def eval_validity(run, lang):
-    items = validity_prompts(lang, run.settings.data_dir, run.settings.n_prompts, run.settings.limit)
+    s = run.settings
+    budget = gen_budget(run.model, s.max_new_tokens) if run.model is not None else s.max_new_tokens
+    items = validity_prompts(lang, s.data_dir, s.n_prompts, s.limit, max_tokens=budget)
     if run.samples is not None:  # prompts come with the samples
         items = [(tid, run.sample_prompts.get(tid, "")) for tid in run.samples.get(lang, {})]
     got = samples_for(run, lang, items, stop=())
@@ -542,7 +575,7 @@ def quick_domain_metrics(model, tokenizer, n_prompts=4, max_new_tokens=128, data
     for lang in ("xml", "mdx", "js"):
         items = validity_prompts(lang, None, 0, n_prompts)
         if data_dir:
-            items += validity_prompts(lang, data_dir, n_prompts, None)[len(PROMPTS[lang]):]
+            items += validity_prompts(lang, data_dir, n_prompts, None, gen_budget(model, max_new_tokens))[len(PROMPTS[lang]):]
         texts, _ = complete(model, tokenizer, [p for _, p in items], max_new_tokens, batch_size=batch_size, desc=lang)
         checks = check_docs(lang, [p + t for (_, p), t in zip(items, texts)])
         out[f"{lang}_valid"] = sum(ok for ok, _ in checks) / len(checks)

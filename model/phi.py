@@ -172,7 +172,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, w, b, targets, mean, need_grad):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if need_grad else None
-        need_w = need_grad and (w.requires_grad or b.requires_grad)  # a frozen lm_head skips the (vocab, hidden) products
+        need_w = need_grad and (w.requires_grad or b.requires_grad)  # frozen lm_head: no (vocab, hidden) products
         dw = torch.zeros_like(w, dtype=torch.float32) if need_w else None
         db = torch.zeros_like(b, dtype=torch.float32) if need_w else None
         for s in range(0, len(h), CE_CHUNK):
