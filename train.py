@@ -6,9 +6,7 @@
 
 Every option, its default and its meaning is in `Config` below; nothing else decides how training runs.
 """
-import ast
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -29,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoTokenizer
 
 import ckpt
+import config
 from data.loader import DataError, TokenLoader, read_meta, val_batches
 from model.phi import ModelLoadError, Phi, PhiConfig, expand_state_dict, load_hf_state_dict
 from monitor import Monitor, flops_per_token
@@ -116,42 +115,10 @@ POSITIVE = ("batch_size", "block_size", "grad_accum", "eval_interval", "eval_ite
 
 
 def load_config(args):
-    """Config files (plain Python assigning names) in order, then --key=value flags parsed as Python literals."""
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
-    values = {}
-
-    def put(key, value, where):
-        if key not in types:
-            near = difflib.get_close_matches(key, types, n=1)
-            raise ValueError(f"unknown config key '{key}' in {where}" + (f"; did you mean '{near[0]}'?" if near else ""))
-        want = types[key]
-        if want is float and type(value) is int:
-            value = float(value)
-        if type(value) is not want:
-            raise ValueError(f"config key '{key}' in {where} must be {want.__name__}, got {type(value).__name__} {value!r}")
-        values[key] = value
-
-    for arg in args:
-        if arg.startswith("--"):
-            key, eq, raw = arg[2:].partition("=")
-            if not eq:
-                raise ValueError(f"flag '{arg}' needs a value: --{key}=VALUE")
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw  # a bare word is a string
-            put(key, value, f"flag {arg}")
-        else:
-            if not os.path.isfile(arg):
-                raise ValueError(f"config file '{arg}' not found; pass a path such as config/tiny.py")
-            scope = {"__file__": arg}
-            exec(compile(open(arg).read(), arg, "exec"), scope)  # the user's own config file, like nanoGPT's
-            for key, value in scope.items():
-                if not key.startswith("__") and not callable(value) and type(value).__name__ != "module":
-                    put(key, value, arg)
-    cfg = Config(**values)
+    """config/a.py [config/b.py] --key=value ...: typed, with one-line errors (see config/__init__.py)."""
+    cfg = config.load(Config, args)
     for key, allowed in CHOICES.items():
-        if allowed and getattr(cfg, key) not in allowed:
+        if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key '{key}' must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
     for key in POSITIVE:
         if not getattr(cfg, key) > 0:
@@ -313,6 +280,34 @@ def adamw(model, cfg, device):
             (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def forward_backward(model, batches, ctx, scaler, sharded, nan=False):
+    """Gradients of one optimizer step: the summed loss of every micro-batch over the global valid-token count,
+    so accumulation and ranks give the same step. Gradient sync only on the last micro-batch. -> (loss sum, count)"""
+    n_valid = sum((y != -100).sum() for _, y in batches).float()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if world_size > 1:
+        dist.all_reduce(n_valid)
+    loss_sum = torch.zeros((), device=n_valid.device)
+    for micro, (x, y) in enumerate(batches):
+        if sharded:
+            model.set_requires_gradient_sync(micro == len(batches) - 1)
+        with ctx:
+            _, micro_sum = model(x, y, reduction="sum")
+        if nan:  # the fault_nan_steps test hook
+            micro_sum = micro_sum * float("nan")
+        scaler.scale(micro_sum * world_size / n_valid).backward()  # FSDP averages over ranks; undo that
+        loss_sum += micro_sum.detach()
+    return loss_sum, n_valid
+
+
+def clip_grads(model, optimizer, scaler, max_norm):
+    """Unscale (fp16) and clip the global grad norm; works on FSDP's DTensors. -> the norm before clipping."""
+    scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm
 
 
 @torch.no_grad()
@@ -495,23 +490,8 @@ def main(args):
         t0 = time.perf_counter()
         batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
         data_wait += time.perf_counter() - t0
-        n_valid = sum((y != -100).sum() for _, y in batches).float()
-        if dist.is_initialized():
-            dist.all_reduce(n_valid)
-        loss_sum = torch.zeros((), device=device)
-        for micro, (x, y) in enumerate(batches):
-            if sharded:
-                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            with ctx:
-                _, micro_sum = model(x, y, reduction="sum")
-            if attempt in cfg.fault_nan_steps:
-                micro_sum = micro_sum * float("nan")
-            scaler.scale(micro_sum * world_size / n_valid).backward()  # FSDP averages over ranks; undo that
-            loss_sum += micro_sum.detach()
-        scaler.unscale_(optimizer)
-        params = [p for p in model.parameters() if p.requires_grad]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        gnorm = gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm
+        loss_sum, n_valid = forward_backward(model, batches, ctx, scaler, sharded, nan=attempt in cfg.fault_nan_steps)
+        gnorm = clip_grads(model, optimizer, scaler, cfg.grad_clip)
         shared = torch.stack([loss_sum, torch.tensor(float(len(signalled)), device=device)])
         if dist.is_initialized():
             dist.all_reduce(shared)
