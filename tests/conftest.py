@@ -58,9 +58,10 @@ QUICK = ["config/tiny.py", "--dtype='float32'", "--log_interval=1", "--eval_iter
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_data, tmp_path_factory):
-    """One trained tiny checkpoint (the README's config, shortened), shared by ckpt, monitor and validate tests."""
-    out = str(tmp_path_factory.mktemp("run") / "tiny")
-    run_train(["config/tiny.py", f"--out_dir={out}", f"--data_dir={tiny_data}", "--max_iters=300",
-               "--eval_interval=100", "--ckpt_interval=100", "--log_interval=10"])
+def tiny_run(tmp_path_factory):
+    """The README's `python train.py config/tiny.py`, data preparation included, in a temporary place;
+    its checkpoints serve the monitor, ckpt and validate tests."""
+    root = tmp_path_factory.mktemp("run")
+    out = str(root / "tiny")
+    run_train(["config/tiny.py", f"--out_dir={out}", f"--data_dir={root / 'data'}"])
     return out

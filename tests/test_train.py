@@ -186,3 +186,18 @@ def test_init_from_hf_dir_with_expansion_keeps_function(tmp_path, tiny_data):
         for k in ("self_attn.q_proj.weight", "mlp.fc1.bias"):
             assert torch.equal(sd[f"model.layers.{new}.{k}"], old[f"model.layers.{src}.{k}"])
     assert not torch.equal(sd["model.layers.2.mlp.fc2.weight"], torch.zeros_like(sd["model.layers.2.mlp.fc2.weight"]))
+
+
+def test_tokenizer_larger_than_model_is_refused(tmp_path, tiny_data):
+    import dataclasses
+
+    from model.phi import Phi, PhiConfig
+    small = Phi(dataclasses.replace(PhiConfig.preset("tiny"), vocab_size=256))  # the data's tokenizer has 512
+    small.init_weights()
+    small.save_pretrained(str(tmp_path / "hf"))
+    r = subprocess.run([sys.executable, "train.py", *QUICK, f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'o'}",
+                        f"--init_from={tmp_path / 'hf'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("error: tokenizer vocabulary (512) is larger than the model's (256); "
+                                "prepare the data with the model's tokenizer")
+    assert not os.path.exists(tmp_path / "o" / "ckpt")
