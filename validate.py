@@ -426,12 +426,15 @@ def eval_ppl(run):
     out = {}
     for lang in tqdm(meta["langs"], desc="ppl", leave=False):
         loss = correct = count = 0.0
-        for x, y in val_batches(s.data_dir, lang, 4, block, s.limit or 20, device=device):
+        n_val = meta["files"][f"val_{lang}"]["tokens"]  # a small val split still gets rows, only shorter
+        for x, y in val_batches(s.data_dir, lang, 4, min(block, n_val - 1), s.limit or 20, device=device):
             for i in range(x.shape[0]):  # one row at a time keeps (T, vocab) logits small
                 logits = model(x[i:i + 1])[0].float()
                 loss += F.cross_entropy(logits, y[i], reduction="sum").item()
                 correct += (logits.argmax(-1) == y[i]).sum().item()
                 count += y[i].numel()
+        if not count:  # no val tokens at all for this language
+            continue
         out[f"loss/{lang}"] = loss / count
         out[f"ppl/{lang}"] = math.exp(loss / count)
         out[f"acc/{lang}"] = correct / count
