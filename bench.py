@@ -18,11 +18,13 @@ Each measurement is a JSON object: name, ours, baseline, unit, ratio (ours / bas
   ckpt     safetensors save_file / load_file of the same tensors (ckpt.bench_io).
   loader   the batches per second the training step of this config consumes.
   prepare  one process of tokenizers' encode_batch over the same files, without cleaning, dedup or writing.
-  monitor  the same step loop with TensorBoard off and W&B disabled (metrics.jsonl is always written).
+  monitor  the same step loop with TensorBoard off and W&B disabled (metrics.jsonl is always written), logging
+           every log_interval steps as train.py does (every step: in the details).
 """
 import argparse
 import contextlib
 import datetime
+import functools
 import io
 import json
 import multiprocessing as mp
@@ -42,9 +44,10 @@ import transformers
 import ckpt
 from model.phi import PhiConfig
 from monitor import Monitor, flops_per_token, peak_flops
-from train import adamw, apply_ac, apply_compile, build_model, load_config
+from train import adamw, apply_ac, apply_compile, build_model, clip_grads, forward_backward, load_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCALER = torch.amp.GradScaler(enabled=False)  # no loss scaling on either side, fp16 included
 GPU_TABLE = ["--model_preset=phi-2", "--block_size=2048", "--dtype=bfloat16", "--batch_size=1", "--grad_accum=1"]
 
 
@@ -69,18 +72,11 @@ def peak_bytes(device, before):
     return rss_bytes("VmHWM") - before
 
 
-def our_step(model, opt, batches, ctx, cfg):
-    """train.py's step, minus the divergence guard's bookkeeping: sum-reduced micro-batch losses over the
-    valid-token count, clip, the one host sync, AdamW."""
-    n_valid = sum((y != -100).sum() for _, y in batches).float()
-    loss_sum = torch.zeros((), device=n_valid.device)
-    for x, y in batches:
-        with ctx:
-            _, micro_sum = model(x, y, reduction="sum")
-        (micro_sum / n_valid).backward()
-        loss_sum += micro_sum.detach()
-    params = [p for p in model.parameters() if p.requires_grad]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+def our_step(model, opt, batches, ctx, cfg, sharded=False):
+    """train.py's step, by its own functions, minus the divergence guard's bookkeeping: forward_backward, clip_grads,
+    the one host sync, AdamW."""
+    loss_sum, n_valid = forward_backward(model, batches, ctx, SCALER, sharded)
+    gnorm = clip_grads(model, opt, SCALER, cfg.grad_clip)
     torch.stack([loss_sum, n_valid, gnorm.float()]).tolist()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -112,8 +108,8 @@ def setup(side, cfg, device):
     batches = [(x[:, :-1], x[:, 1:]) for x in torch.randint(0, mcfg.vocab_size, (
         cfg.grad_accum, cfg.batch_size, cfg.block_size + 1), device=device)]
     if side == "ours":
-        model, mcfg, _ = build_model(cfg, mcfg.vocab_size, 0, 1, device, ptdtype)
-        step = our_step
+        model, mcfg, sharded = build_model(cfg, mcfg.vocab_size, 0, 1, device, ptdtype)
+        step = functools.partial(our_step, sharded=sharded)
     else:
         model = transformers.PhiForCausalLM(transformers.PhiConfig(**mcfg.to_hf_dict())).to(device)
         if cfg.activation_checkpointing != "none":  # the same techniques, applied the same way
@@ -258,21 +254,24 @@ def bench_loader(cfg, data_dir, n_batches, consumed):
 
 
 def cpu_tree():
+    """CPU seconds of this process and of its children (W&B logs from a service process)."""
     procs = [psutil.Process()]
     procs += procs[0].children(recursive=True)
-    total = 0.0
+    times = []
     for p in procs:
         with contextlib.suppress(psutil.Error):  # a child may exit between the listing and the read
             t = p.cpu_times()
-            total += t.user + t.system
-    return total
+            times.append(t.user + t.system)
+    return times[0], sum(times[1:])
 
 
-def bench_monitor(cfg, tmp, steps, rounds):
-    """The training step loop with log_step every step: all sinks on vs off, interleaved blocks of steps. On a CPU
-    a block costs the CPU time of this process and its children (W&B logs from a service process)."""
+def bench_monitor(cfg, tmp, steps, rounds, interval_rounds):
+    """The training step loop, all sinks on vs off, in interleaved blocks. The figure: blocks of log_interval steps
+    with one log_step each, as train.py logs. The details: blocks of `steps` steps with log_step after every step,
+    the worst case. On a CPU a block costs the CPU time of this process and its children (W&B logs from a service
+    process)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, mcfg, _ = build_model(cfg, model_config(cfg).vocab_size, 0, 1, device, DTYPES[cfg.dtype])
+    model, mcfg, sharded = build_model(cfg, model_config(cfg).vocab_size, 0, 1, device, DTYPES[cfg.dtype])
     opt = adamw(model, cfg, device)
     ctx = torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "float32" else nullcontext()
     x = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
@@ -283,33 +282,57 @@ def bench_monitor(cfg, tmp, steps, rounds):
     with contextlib.redirect_stdout(io.StringIO()):
         mons = {"on": Monitor(os.path.join(tmp, "on"), tensorboard=True, wandb_mode="offline", **kw),
                 "off": Monitor(os.path.join(tmp, "off"), tensorboard=False, wandb_mode="disabled", **kw)}
-    per_step, wall, log_cost, step = {"on": [], "off": []}, {"on": [], "off": []}, {"on": [], "off": []}, 0
-    our_step(model, opt, batches, ctx, cfg)  # warm-up
+    step = 0
+
+    def block(mon, n, every):
+        """n steps, log_step after each (every) or after the last -> (cost per step, wall per step, log_step times,
+        log_step's thread CPU time, the children's CPU time)"""
+        nonlocal step
+        t0, (own0, kids0), log_cost, log_cpu = time.perf_counter(), cpu_tree(), [], 0.0
+        for i in range(n):
+            t = time.perf_counter()
+            our_step(model, opt, batches, ctx, cfg, sharded)
+            dt = time.perf_counter() - t
+            step += 1
+            if every or i == n - 1:
+                t, c = time.perf_counter(), time.thread_time()
+                mon.log_step(step, dict(loss=1.0, lr=1e-3, grad_norm=1.0, dt=dt, data_wait=0.0,
+                                        tokens=cfg.batch_size * cfg.block_size), model=model)
+                log_cost.append(time.perf_counter() - t)
+                log_cpu += time.thread_time() - c
+        wall, (own, kids) = (time.perf_counter() - t0) / n, cpu_tree()
+        cost = wall if device.type == "cuda" else (own - own0 + kids - kids0) / n
+        return cost, wall, log_cost, log_cpu, kids - kids0
+
+    our_step(model, opt, batches, ctx, cfg, sharded)  # warm-up
+    with contextlib.redirect_stdout(io.StringIO()):
+        for m in mons.values():  # a run pays the first log (W&B: tens of ms) once, not every log_interval
+            m.log_step(0, dict(loss=1.0, lr=1e-3, grad_norm=1.0, dt=1.0, data_wait=0.0, tokens=1), model=model)
+    fig = {}
     with contextlib.redirect_stdout(io.StringIO()):  # the console line is printed on both sides; not shown here
-        for r in range(rounds):
-            for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
-                t0, c0 = time.perf_counter(), cpu_tree()
-                for _ in range(steps):
-                    t = time.perf_counter()
-                    our_step(model, opt, batches, ctx, cfg)
-                    dt = time.perf_counter() - t
-                    step += 1
-                    t = time.perf_counter()
-                    mons[side].log_step(step, dict(loss=1.0, lr=1e-3, grad_norm=1.0, dt=dt, data_wait=0.0,
-                                                   tokens=cfg.batch_size * cfg.block_size), model=model)
-                    log_cost[side].append(time.perf_counter() - t)
-                wall[side].append((time.perf_counter() - t0) / steps)
-                per_step[side].append(wall[side][-1] if device.type == "cuda" else (cpu_tree() - c0) / steps)
+        for mode, n, r in (("interval", cfg.log_interval, interval_rounds), ("every_step", steps, rounds)):
+            runs = {"on": [], "off": []}
+            for k in range(r):
+                for side in ("on", "off") if k % 2 == 0 else ("off", "on"):
+                    runs[side].append(block(mons[side], n, mode == "every_step"))
+            fig[mode] = {side: [statistics.median(v) for v in zip(*[(c, w, lc, kc) for c, w, _, lc, kc in b])] +
+                         [statistics.median(t for _, _, ts, _, _ in b for t in ts)] for side, b in runs.items()}
         sinks = dict(tensorboard=mons["on"].tb is not None, wandb=mons["on"].wandb is not None)  # a failed sink is off
         for m in mons.values():
             m.finish({"stop_reason": "bench"})
-    on, off = statistics.median(per_step["on"]), statistics.median(per_step["off"])
-    lon, loff = statistics.median(log_cost["on"]), statistics.median(log_cost["off"])
+    (on, won, con, kon, lon), (off, woff, coff, koff, loff) = fig["interval"]["on"], fig["interval"]["off"]
+    (eon, ewon, _, _, elon), (eoff, ewoff, _, _, eloff) = fig["every_step"]["on"], fig["every_step"]["off"]
     return [row("monitor/step_time", on * 1e3, off * 1e3, "ms", "lower", overhead_pct=100 * (on / off - 1),
+                log_step_cpu_pct=100 * (con - coff) / (cfg.log_interval * off), log_step_cpu_ms_on=con * 1e3,
+                log_step_cpu_ms_off=coff * 1e3, children_cpu_ms_per_block_on=kon * 1e3,
+                children_cpu_ms_per_block_off=koff * 1e3, log_interval=cfg.log_interval,
+                blocks=interval_rounds,
                 clock="wall" if device.type == "cuda" else "CPU time of the process tree", sinks_on=sinks,
-                wall_ms_on=statistics.median(wall["on"]) * 1e3, wall_ms_off=statistics.median(wall["off"]) * 1e3,
-                log_step_ms_on=lon * 1e3, log_step_ms_off=loff * 1e3,
-                log_step_overhead_pct=100 * (lon - loff) / off, steps=steps, rounds=rounds)]
+                wall_ms_on=won * 1e3, wall_ms_off=woff * 1e3, log_step_ms_on=lon * 1e3, log_step_ms_off=loff * 1e3,
+                every_step=dict(ms_on=eon * 1e3, ms_off=eoff * 1e3, overhead_pct=100 * (eon / eoff - 1),
+                                wall_ms_on=ewon * 1e3, wall_ms_off=ewoff * 1e3, log_step_ms_on=elon * 1e3,
+                                log_step_ms_off=eloff * 1e3, log_step_overhead_pct=100 * (elon - eloff) / eoff,
+                                steps=steps, blocks=rounds))]
 
 
 # -- output ------------------------------------------------------------------------------------------------------------
@@ -380,7 +403,7 @@ def main(argv):
                     consumed = cfg.grad_accum / statistics.median(run[clock])
                 r = bench_loader(cfg, data_dir, 50 if a.smoke else 500, consumed)
             else:
-                r = bench_monitor(cfg, tmp, 3 if a.smoke else 10, 2 if a.smoke else 8)
+                r = bench_monitor(cfg, tmp, 3 if a.smoke else 10, 2 if a.smoke else 6, 2 if a.smoke else 4)
             rows += r
             print(f"bench: {name} done in {time.perf_counter() - t:.0f}s", flush=True)
     print_table(rows)

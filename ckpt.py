@@ -166,6 +166,32 @@ class _Writer(HuggingFaceStorageWriter):
         return future
 
 
+class _Reader(HuggingFaceStorageReader):
+    """DCP's HF-format reader. defer: keep what it reads instead of copying it into the model and optimizer
+    tensors; apply() copies it once the checksums have passed."""
+
+    def __init__(self, path, defer):
+        super().__init__(path)
+        self.defer, self.pending = defer, []
+
+    def _process_read_request(self, f, req, planner):
+        tensor = f.get_slice(req.storage_index.fqn)[tuple(slice(o, o + n) for o, n in zip(req.storage_offsets,
+                                                                                           req.lengths))]
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != tensor.size():
+            raise CheckpointError(f"{req.storage_index.fqn}: shape {tuple(tensor.shape)} in the checkpoint, "
+                                  f"{tuple(target.shape)} in the model")
+        self.pending.append((planner, req, target, tensor))
+        if not self.defer:
+            self.apply()
+
+    def apply(self):
+        for planner, req, target, tensor in self.pending:
+            target.copy_(tensor)
+            planner.commit_tensor(req, target)
+        self.pending = []
+
+
 def _fsync_file(path):
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -419,8 +445,9 @@ def verify(path):
     return _check(path, 0, 1)
 
 
-def _check(path, part, nparts):
-    """Check manifest.json and the files in slice [part::nparts] of it (ranks split the reading)."""
+def _check(path, part, nparts, only=None):
+    """Check manifest.json and the files in slice [part::nparts] of it (ranks split the reading).
+    only: check just these files of the manifest."""
     if not os.path.isdir(path):
         return [f"{path}: not a directory"]
     mpath = os.path.join(path, "manifest.json")
@@ -432,11 +459,13 @@ def _check(path, part, nparts):
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return [f"{mpath}: unreadable ({type(e).__name__}: {e})"]
     problems = []
-    if part == 0:
+    if part == 0 and only is None:
         extra = sorted(set(os.listdir(path)) - set(files) - {"manifest.json"})
         problems += [f"{os.path.join(path, name)}: not in manifest" for name in extra]
-        if "train_state.json" not in files:
-            problems.append(f"{mpath}: lists no train_state.json")
+    if part == 0 and "train_state.json" not in files:
+        problems.append(f"{mpath}: lists no train_state.json")
+    if only is not None:
+        entries = [e for e in entries if e[0] in only]
     for name, size, crc in entries[part::nparts]:
         fpath = os.path.join(path, name)
         if os.path.basename(name) != name:
@@ -499,12 +528,18 @@ def find_resume(out_dir, resume="auto"):
 
 def load(path, model, optimizer):
     """Load checkpoint `path` into model and optimizer (any world size), restore this rank's RNG, and return
-    the train state dict (what save() got, plus "ckpt"). Verifies first (collective)."""
+    the train state dict (what save() got, plus "ckpt"). Verifies first (collective): nothing is applied
+    unless every file's checksums match. Unless find_resume verified `path` in this process already, the
+    checksums run on other threads while the shards are read, and this rank's shard waits in host memory
+    until they pass."""
     wait()
-    problems = _verify_all(path)
-    if problems:
-        raise CheckpointError(f"cannot load {path}: {problems[0]}")
     rank, world = _rank_world()
+    key = _stat_key(path)
+    verified = key in _verified
+    if not verified:  # train_state.json first: its numbers shape the load
+        problems = [p for ps in _gather(_check(path, 0, 1, only={"train_state.json"})) for p in ps]
+        if problems:
+            raise CheckpointError(f"cannot load {path}: {problems[0]}")
     state = _read_json(os.path.join(path, "train_state.json"))
     meta = state["ckpt"]
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -514,7 +549,18 @@ def load(path, model, optimizer):
     tensors = {"model": model_sd}
     if meta["optim_state"]:
         tensors["optim"] = optim_sd["state"]
-    _dcp_call(lambda: dcp.load(tensors, storage_reader=HuggingFaceStorageReader(path)), f"loading {path}")
+    reader = _Reader(path, defer=not verified)
+    with ThreadPoolExecutor(1) as ex:  # zlib releases the GIL: checksums and reading overlap
+        check = ex.submit(lambda: [] if verified else _check(path, rank, world))
+        try:
+            _dcp_call(lambda: dcp.load(tensors, storage_reader=reader), f"loading {path}")
+        finally:
+            problems = [p for ps in _gather(check.result()) for p in ps]  # a damaged file may be why DCP failed
+            if problems:
+                raise CheckpointError(f"cannot load {path}: {problems[0]}")
+    if key is not None:
+        _verified.add(key)
+    reader.apply()
     groups = [{k: tuple(v) if isinstance(cur.get(k), tuple) else v for k, v in saved.items()}
               for saved, cur in zip(meta["param_groups"], optim_sd["param_groups"])]
     set_state_dict(model, optimizer, model_state_dict=tensors["model"],
