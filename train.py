@@ -16,7 +16,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # set before torch loads: spinning idle threads slow a busy CPU ~10x
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
