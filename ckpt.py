@@ -421,13 +421,23 @@ def list_checkpoints(root):
     return sorted(out)
 
 
+def by_metric(ckpts):
+    """[(metric, step, path)] of the checkpoints with a finite metric, best (lowest) first."""
+    return sorted((m, step, path) for step, path, m in ckpts if isinstance(m, (int, float)) and math.isfinite(m))
+
+
+def best_checkpoint(out_dir):
+    """Path of the checkpoint with the lowest metric under out_dir/ckpt, or None when none has one."""
+    ranked = by_metric(list_checkpoints(os.path.join(out_dir, "ckpt")))
+    return ranked[0][2] if ranked else None
+
+
 def _retain(root, final, keep_last, keep_best):
     """Keep `final`, the newest keep_last and the best keep_best (lowest metric); delete the rest and stale
     .tmp dirs (one save at a time, so any other .tmp is from a crash)."""
     ckpts = list_checkpoints(root)
     keep = {final} | ({path for _, path, _ in ckpts[-keep_last:]} if keep_last > 0 else set())
-    ranked = sorted((m, step, path) for step, path, m in ckpts if isinstance(m, (int, float)) and math.isfinite(m))
-    keep |= {path for _, _, path in ranked[:keep_best]}
+    keep |= {path for _, _, path in by_metric(ckpts)[:keep_best]}
     for _, path, _ in ckpts:
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)
@@ -742,7 +752,7 @@ def cmd_ls(out_dir):
     latest = None
     if os.path.isfile(os.path.join(root, "latest")):
         latest = open(os.path.join(root, "latest")).read().strip()
-    ranked = sorted((m, s) for s, _, m in ckpts if m is not None)
+    ranked = by_metric(ckpts)
     best = ranked[0][1] if ranked else None
     print(f"{'step':>8}  {'metric':>10}  {'size':>10}  {'verifies':<8}  flags")
     for step, path, metric in ckpts:

@@ -368,18 +368,20 @@ def main(args):
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1:  # torchrun's store outlives a restart: a fresh prefix per attempt hides the dead group's keys
-        store = next(dist.rendezvous("env://"))[0]
-        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", store)
-    if world_size > 1 or cfg.cpu_offload:  # offloading is FSDP's, so one process gets a one-rank group
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                store=store if world_size > 1 else dist.HashStore(),
-                                device_id=device if device.type == "cuda" else None)
-    master = rank == 0
     if cfg.fsdp == "none" and world_size > 1:
         raise ValueError("fsdp=none trains in one process; use full_shard or shard_grad_op under torchrun")
     if (cfg.auto_batch_size or cfg.ckpt_async or cfg.cpu_offload) and device.type != "cuda":
         raise ValueError("auto_batch_size, ckpt_async and cpu_offload need CUDA; set them to False on the CPU")
+    store = None
+    if world_size > 1:  # torchrun's store outlives a restart: a fresh prefix per attempt hides the dead group's keys
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/",
+                                 next(dist.rendezvous("env://"))[0])
+    elif cfg.cpu_offload:  # offloading is FSDP's, so one process gets a one-rank group
+        store = dist.HashStore()
+    if store is not None:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                store=store, device_id=device if device.type == "cuda" else None)
+    master = rank == 0
     if master:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -540,8 +542,7 @@ def main(args):
     ckpt.wait()  # an async save must be committed before export
     export_path = None
     if saved and master:
-        ranked = [(m, p) for _, p, m in ckpt.list_checkpoints(os.path.join(cfg.out_dir, "ckpt")) if m is not None]
-        best = min(ranked)[1] if ranked else saved[-1]
+        best = ckpt.best_checkpoint(cfg.out_dir) or saved[-1]
         export_path = ckpt.export(best, os.path.join(cfg.out_dir, "best"))
     monitor.finish(dict(stop_reason=stop_reason, best_metric=es.best, best_step=es.best_step, steps=step, tokens=tokens,
                         best_metric_name=cfg.early_stop_metric,
