@@ -19,7 +19,7 @@ Each measurement is a JSON object: name, ours, baseline, unit, ratio (ours / bas
   loader   the batches per second the training step of this config consumes.
   prepare  one process of tokenizers' encode_batch over the same files, without cleaning, dedup or writing.
   monitor  the same step loop with TensorBoard off and W&B disabled (metrics.jsonl is always written), logging
-           every log_interval steps as train.py does (every step: in the details).
+           every log_interval steps as train.py does; the median of on/off ratios of paired blocks.
 """
 import argparse
 import contextlib
@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -265,11 +266,15 @@ def cpu_tree():
     return times[0], sum(times[1:])
 
 
-def bench_monitor(cfg, tmp, steps, rounds, interval_rounds):
-    """The training step loop, all sinks on vs off, in interleaved blocks. The figure: blocks of log_interval steps
-    with one log_step each, as train.py logs. The details: blocks of `steps` steps with log_step after every step,
-    the worst case. On a CPU a block costs the CPU time of this process and its children (W&B logs from a service
-    process)."""
+def bench_monitor(cfg, tmp, pairs):
+    """The training step loop, all sinks on vs off: `pairs` pairs of blocks of log_interval steps with one log_step
+    each, as train.py logs, in alternating order. Two figures:
+    - monitor/step_time, the A/B: the median of the pairs' on/off ratios of the block's cost (CPU: the CPU time of
+      this process and its children; CUDA: wall time). Its spread (in the details) is the machine's noise.
+    - monitor/sink_cpu, direct: the CPU the sinks use per block, on top of the step: log_step's own extra CPU time
+      (on minus off) plus the CPU of the sinks' background threads (TensorBoard's writer, W&B's) and of the W&B
+      service process, which run all the time: their CPU seconds per second over the whole measurement, times a
+      step's wall time. Against the step's cost, it gives the overhead without the step's noise."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, mcfg, sharded = build_model(cfg, model_config(cfg).vocab_size, 0, 1, device, DTYPES[cfg.dtype])
     opt = adamw(model, cfg, device)
@@ -282,60 +287,53 @@ def bench_monitor(cfg, tmp, steps, rounds, interval_rounds):
     with contextlib.redirect_stdout(io.StringIO()):
         mons = {"on": Monitor(os.path.join(tmp, "on"), tensorboard=True, wandb_mode="offline", **kw),
                 "off": Monitor(os.path.join(tmp, "off"), tensorboard=False, wandb_mode="disabled", **kw)}
-    step = 0
+    step, n = 0, cfg.log_interval
 
-    def block(mon, n, every):
-        """n steps, log_step after each (every) or after the last -> (cost per step, wall per step, log_step times,
-        log_step's thread CPU time, the children's CPU time)"""
+    def background():  # CPU seconds of this process's threads other than the main one, and of its children
+        ids = {t.native_id for t in threading.enumerate() if t is not threading.main_thread()}
+        return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ids) + cpu_tree()[1]
+
+    def block(mon):
+        """-> (cost per step, log_step's own CPU time, the children's CPU time, wall time per step)"""
         nonlocal step
-        t0, (own0, kids0), log_cost, log_cpu = time.perf_counter(), cpu_tree(), [], 0.0
-        for i in range(n):
+        t0, (own0, kids0) = time.perf_counter(), cpu_tree()
+        for _ in range(n):
             t = time.perf_counter()
             our_step(model, opt, batches, ctx, cfg, sharded)
-            dt = time.perf_counter() - t
             step += 1
-            if every or i == n - 1:
-                t, c = time.perf_counter(), time.thread_time()
-                mon.log_step(step, dict(loss=1.0, lr=1e-3, grad_norm=1.0, dt=dt, data_wait=0.0,
-                                        tokens=cfg.batch_size * cfg.block_size), model=model)
-                log_cost.append(time.perf_counter() - t)
-                log_cpu += time.thread_time() - c
+        c = time.thread_time()
+        mon.log_step(step, dict(loss=1.0, lr=1e-3, grad_norm=1.0, dt=time.perf_counter() - t, data_wait=0.0,
+                                tokens=cfg.batch_size * cfg.block_size), model=model)
+        log_cpu = time.thread_time() - c
         wall, (own, kids) = (time.perf_counter() - t0) / n, cpu_tree()
-        cost = wall if device.type == "cuda" else (own - own0 + kids - kids0) / n
-        return cost, wall, log_cost, log_cpu, kids - kids0
+        return (wall if device.type == "cuda" else (own - own0 + kids - kids0) / n), log_cpu, kids - kids0, wall
 
     our_step(model, opt, batches, ctx, cfg, sharded)  # warm-up
-    with contextlib.redirect_stdout(io.StringIO()):
+    runs = {"on": [], "off": []}
+    with contextlib.redirect_stdout(io.StringIO()):  # the console line is printed on both sides; not shown here
         for m in mons.values():  # a run pays the first log (W&B: tens of ms) once, not every log_interval
             m.log_step(0, dict(loss=1.0, lr=1e-3, grad_norm=1.0, dt=1.0, data_wait=0.0, tokens=1), model=model)
-    fig = {}
-    with contextlib.redirect_stdout(io.StringIO()):  # the console line is printed on both sides; not shown here
-        for mode, n, r in (("interval", cfg.log_interval, interval_rounds), ("every_step", steps, rounds)):
-            runs = {"on": [], "off": []}
-            for k in range(r):
-                for side in ("on", "off") if k % 2 == 0 else ("off", "on"):
-                    runs[side].append(block(mons[side], n, mode == "every_step"))
-            fig[mode] = {side: [statistics.median(v) for v in zip(*[(c, w, lc, kc) for c, w, _, lc, kc in b])] +
-                         [statistics.median(t for _, _, ts, _, _ in b for t in ts)] for side, b in runs.items()}
+        bg0, t0 = background(), time.perf_counter()
+        for k in range(pairs):
+            for side in ("on", "off") if k % 2 == 0 else ("off", "on"):
+                runs[side].append(block(mons[side]))
+        bg = (background() - bg0) / (time.perf_counter() - t0)  # CPU seconds per second: it runs all the time
         sinks = dict(tensorboard=mons["on"].tb is not None, wandb=mons["on"].wandb is not None)  # a failed sink is off
         for m in mons.values():
             m.finish({"stop_reason": "bench"})
-    (on, won, con, kon, lon), (off, woff, coff, koff, loff) = fig["interval"]["on"], fig["interval"]["off"]
-    (eon, ewon, _, _, elon), (eoff, ewoff, _, _, eloff) = fig["every_step"]["on"], fig["every_step"]["off"]
-    return [row("monitor/step_time", on * 1e3, off * 1e3, "ms", "lower", overhead_pct=100 * (on / off - 1),
-                log_step_cpu_pct=100 * (con - coff) / (cfg.log_interval * off), log_step_cpu_ms_on=con * 1e3,
-                log_step_cpu_ms_off=coff * 1e3, children_cpu_ms_per_block_on=kon * 1e3,
-                children_cpu_ms_per_block_off=koff * 1e3, log_interval=cfg.log_interval,
-                blocks=interval_rounds,
-                clock="wall" if device.type == "cuda" else "CPU time of the process tree", sinks_on=sinks,
-                wall_ms_on=won * 1e3, wall_ms_off=woff * 1e3, log_step_ms_on=lon * 1e3, log_step_ms_off=loff * 1e3,
-                every_step=dict(ms_on=eon * 1e3, ms_off=eoff * 1e3, overhead_pct=100 * (eon / eoff - 1),
-                                wall_ms_on=ewon * 1e3, wall_ms_off=ewoff * 1e3, log_step_ms_on=elon * 1e3,
-                                log_step_ms_off=eloff * 1e3, log_step_overhead_pct=100 * (elon - eloff) / eoff,
-                                steps=steps, blocks=rounds))]
+    ratios = sorted(a[0] / b[0] for a, b in zip(runs["on"], runs["off"]))
+    med = {side: [statistics.median(v) for v in zip(*r)] for side, r in runs.items()}
+    (on, lon, kon, _), (off, loff, koff, _) = med["on"], med["off"]
+    sink = (lon - loff) / n + bg * statistics.median(w for r in runs.values() for _, _, _, w in r)  # CPU s per step
+    clock = "wall" if device.type == "cuda" else "CPU time of the process tree"
+    return [row("monitor/step_time", statistics.median(ratios) * off * 1e3, off * 1e3, "ms", "lower",
+                overhead_pct=100 * (statistics.median(ratios) - 1), pair_ratios=ratios, log_interval=n, pairs=pairs,
+                clock=clock, sinks_on=sinks, children_cpu_ms_per_block_on=kon * 1e3,
+                children_cpu_ms_per_block_off=koff * 1e3),
+            row("monitor/sink_cpu", (off + sink) * 1e3, off * 1e3, "ms", "lower", overhead_pct=100 * sink / off,
+                log_step_cpu_ms_on=lon * 1e3, log_step_cpu_ms_off=loff * 1e3, background_cpu_pct_of_a_core=bg * 100,
+                log_interval=n, sinks_on=sinks, step_clock=clock)]
 
-
-# -- output ------------------------------------------------------------------------------------------------------------
 
 def row(name, ours, baseline, unit, better, **details):
     ratio = ours / baseline if ours is not None and baseline else None
@@ -403,7 +401,7 @@ def main(argv):
                     consumed = cfg.grad_accum / statistics.median(run[clock])
                 r = bench_loader(cfg, data_dir, 50 if a.smoke else 500, consumed)
             else:
-                r = bench_monitor(cfg, tmp, 3 if a.smoke else 10, 2 if a.smoke else 6, 2 if a.smoke else 4)
+                r = bench_monitor(cfg, tmp, 2 if a.smoke else 8)
             rows += r
             print(f"bench: {name} done in {time.perf_counter() - t:.0f}s", flush=True)
     print_table(rows)

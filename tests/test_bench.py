@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT
 
 EXPECTED = {"train/step_time", "train/tokens_per_s", "train/peak_memory", "ckpt/save", "ckpt/load",
-            "prepare/throughput", "loader/batches_per_s", "monitor/step_time"}
+            "prepare/throughput", "loader/batches_per_s", "monitor/step_time", "monitor/sink_cpu"}
 
 
 def test_smoke_writes_every_measurement(tmp_path):
@@ -29,6 +29,10 @@ def test_smoke_writes_every_measurement(tmp_path):
         assert name in r.stdout  # the printed table
     assert rows["train/tokens_per_s"]["details"]["mfu_pct"] is None  # CPU: no peak FLOPs to compare with
     assert rows["train/peak_memory"]["details"]["how"].startswith("peak RSS")
+    sink = rows["monitor/sink_cpu"]["details"]
+    assert sink["sinks_on"] == {"tensorboard": True, "wandb": True}  # the "on" side really had both sinks
+    assert sink["log_step_cpu_ms_on"] > sink["log_step_cpu_ms_off"] > 0
+    assert abs(sink["overhead_pct"] - 100 * (rows["monitor/sink_cpu"]["ratio"] - 1)) < 1e-6
 
 
 def test_bad_arguments_give_one_line_errors():
