@@ -2,10 +2,10 @@
 # python train.py config/tiny.py
 out_dir = "out/tiny"
 data_dir = "data/tiny"
-synthetic_docs = 3000        # ~1.1M train tokens, 60 val docs; prepared into data_dir on first use (~20 s), no download
+synthetic_docs = 3000        # 0.4M train tokens, 59 val docs; prepared into data_dir on first use (~10 s), no download
 tokenizer_vocab = 2048
 model_preset = "tiny"        # 4 layers, 128 wide
-max_iters = 600
+max_iters = 1000
 eval_interval = 100
 eval_iters = 4
 ckpt_interval = 200
