@@ -13,9 +13,9 @@ import re
 
 LANG_WEIGHTS = {"xml": 0.35, "mdx": 0.3, "js": 0.35}  # MDX documents are shorter
 # Most documents are short (tens to a few hundred tokens: a small config, feed, icon, page or module), so a model
-# with a small context sees whole documents, end and all, and learns to finish one: at 0.55 the tiny model wrote
-# valid MDX/JS for 0.11/0.17 of the prompts, at 0.9 for 0.83/0.56 (validate.py, greedy). The long tenth keeps the
-# variety test_diversity checks.
+# with a small context sees whole documents, end and all, and learns to finish one: at 0.55 (and uniform counts)
+# the tiny model wrote valid MDX/JS for 0.11/0.17 of validate.py's prompts, at 0.9 for 0.70/0.59 (README). The long
+# tenth keeps the variety test_diversity checks.
 SHORT_SHARE = 0.9
 
 WORDS = ("user account order item cart price total count index value name title label status "
