@@ -119,7 +119,7 @@ def setup(side, cfg, device):
             apply_compile(model)
         step = hf_step
     model.train()
-    opt = adamw(model, cfg, device)
+    opt = adamw(model, cfg)
     ctx = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
     return lambda: step(model, opt, batches, ctx, cfg), mcfg
 
@@ -277,7 +277,7 @@ def bench_monitor(cfg, tmp, pairs):
       step's wall time. Against the step's cost, it gives the overhead without the step's noise."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, mcfg, sharded = build_model(cfg, model_config(cfg).vocab_size, 0, 1, device, DTYPES[cfg.dtype])
-    opt = adamw(model, cfg, device)
+    opt = adamw(model, cfg)
     ctx = torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "float32" else nullcontext()
     x = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
     batches = [(x[:, :-1], x[:, 1:])]

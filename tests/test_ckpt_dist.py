@@ -77,6 +77,7 @@ def worker(rank, world, tmp):
     try:
         for kind in KINDS:
             check_2_ranks(kind, rank, world, f"{tmp}/{kind}")
+        dist.barrier()  # tear down together: a rank destroying gloo while its peer still works can abort
     finally:
         dist.destroy_process_group()
 

@@ -12,7 +12,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl(tiny_run):
     records = read_jsonl(os.path.join(tiny_run, "metrics.jsonl"))
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    assert [r["step"] for r in train] == [1] + list(range(50, 601, 50))
+    assert [r["step"] for r in train] == [1] + list(range(50, 1001, 50))
     assert [r["step"] for r in evals] == list(range(0, 1001, 100))
     acc = EventAccumulator(os.path.join(tiny_run, "tb"), size_guidance={"scalars": 0})
     acc.Reload()
