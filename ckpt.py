@@ -175,20 +175,6 @@ class _Writer(HuggingFaceStorageWriter):
         return future
 
 
-class _Reader(HuggingFaceStorageReader):
-    """DCP's HF-format reader, with a one-line error when a tensor's shape differs from the model's."""
-
-    def _process_read_request(self, f, req, planner):
-        tensor = f.get_slice(req.storage_index.fqn)[tuple(slice(o, o + n) for o, n in zip(req.storage_offsets,
-                                                                                           req.lengths))]
-        target = planner.resolve_tensor(req).detach()
-        if target.size() != tensor.size():
-            raise CheckpointError(f"{req.storage_index.fqn}: shape {tuple(tensor.shape)} in the checkpoint, "
-                                  f"{tuple(target.shape)} in the model")
-        target.copy_(tensor)
-        planner.commit_tensor(req, target)
-
-
 def _fsync_file(path):
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -556,7 +542,7 @@ def load(path, model, optimizer):
     tensors = {"model": model_sd}
     if meta["optim_state"]:
         tensors["optim"] = optim_sd["state"]
-    reader = _Reader(path)
+    reader = HuggingFaceStorageReader(path)
     with ThreadPoolExecutor(1) as ex:  # checksums on one other core while this one reads (measured faster than 2)
         check = ex.submit(lambda: [] if verified else _check(path, rank, world, parallel=False))
         try:
