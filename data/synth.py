@@ -14,8 +14,8 @@ import re
 LANG_WEIGHTS = {"xml": 0.35, "mdx": 0.3, "js": 0.35}  # MDX documents are shorter
 # Most documents are short (tens to a few hundred tokens: a small config, feed, icon, page or module), so a model
 # with a small context sees whole documents, end and all, and learns to finish one: at 0.55 (and uniform counts)
-# the tiny model wrote valid MDX/JS for 0.11/0.17 of validate.py's prompts, at 0.9 for 0.70/0.59 (README). The long
-# tenth keeps the variety test_diversity checks.
+# the tiny model wrote valid MDX/JS for 0.11/0.17 of validate.py's prompts, at 0.9 for 0.70/0.59 (1000 steps,
+# commit 36a6d88). The long tenth keeps the variety test_diversity checks.
 SHORT_SHARE = 0.9
 
 WORDS = ("user account order item cart price total count index value name title label status "
@@ -67,79 +67,83 @@ def _number(rng):
 
 # ---------------------------------------------------------------- XML
 
+# Like a real schema, a tag is either a container (children on their own lines) or a leaf (text on one line),
+# and a tag's or attribute's value has one kind. A model can then tell from the tag what follows it: with
+# roles drawn per element, greedy decoding of the tiny model took a newline after every `>` (nesting being
+# likelier than any one word of text) and nested until it ran out of tokens.
+# name: (root, containers, leaves, attribute names, default namespace)
 XML_DOMAINS = {
-    "maven": ("project", "dependencies dependency groupId artifactId version scope build plugins plugin "
-              "configuration properties modules module parent packaging name description url executions "
-              "execution goals goal phase repositories repository".split(),
+    "maven": ("project", "dependencies dependency build plugins plugin configuration properties modules parent "
+              "executions execution goals repositories repository".split(),
+              "groupId artifactId version scope packaging name description url module goal phase".split(),
               "id combine.children combine.self".split(), "http://maven.apache.org/POM/4.0.0"),
-    "csproj": ("Project", "PropertyGroup ItemGroup PackageReference ProjectReference Compile None Content "
-               "TargetFramework OutputType Nullable ImplicitUsings RootNamespace AssemblyName Version "
-               "LangVersion Target Exec Copy Message".split(),
+    "csproj": ("Project", "PropertyGroup ItemGroup Target".split(),
+               "PackageReference ProjectReference Compile None Content TargetFramework OutputType Nullable "
+               "ImplicitUsings RootNamespace AssemblyName Version LangVersion Exec Copy Message".split(),
                "Include Version Condition Sdk Name Command Text Importance Exclude Update".split(), None),
-    "rss": ("rss", "channel title link description language pubDate lastBuildDate item guid category "
-            "author enclosure comments source ttl image url generator".split(),
-            "version isPermaLink domain length type".split(), None),
-    "atom": ("feed", "title subtitle id updated author name email link entry summary content category "
-             "published rights contributor generator icon".split(),
-             "href rel type term scheme label xml:lang".split(), "http://www.w3.org/2005/Atom"),
-    "svg": ("svg", "g rect circle ellipse line polyline polygon path text tspan defs linearGradient stop "
-            "clipPath use symbol title desc mask pattern".split(),
+    "rss": ("rss", "channel item image".split(),
+            "title link description language pubDate lastBuildDate guid category author enclosure comments "
+            "source ttl url generator".split(), "version isPermaLink domain length type".split(), None),
+    "atom": ("feed", "entry author contributor source".split(),
+             "title subtitle id updated name email link summary content category published rights generator "
+             "icon".split(), "href rel type term scheme label xml:lang".split(), "http://www.w3.org/2005/Atom"),
+    "svg": ("svg", "g defs linearGradient clipPath symbol mask pattern text".split(),
+            "rect circle ellipse line polyline polygon path tspan stop use title desc".split(),
             "x y width height cx cy r rx ry fill stroke stroke-width d points transform opacity "
             "viewBox offset stop-color font-size text-anchor".split(), "http://www.w3.org/2000/svg"),
-    "spring": ("beans", "bean property constructor-arg value ref list map entry props prop description "
-               "import alias".split(), "id class name scope init-method destroy-method lazy-init "
-               "key value-ref parent abstract".split(), "http://www.springframework.org/schema/beans"),
-    "android": ("manifest", "application activity service receiver provider intent-filter action "
-                "category data meta-data uses-permission uses-feature uses-sdk".split(),
+    "spring": ("beans", "bean list map props constructor-arg property".split(),
+               "value ref entry prop description import alias".split(), "id class name scope init-method "
+               "destroy-method lazy-init key value-ref parent abstract".split(),
+               "http://www.springframework.org/schema/beans"),
+    "android": ("manifest", "application activity service receiver provider intent-filter".split(),
+                "action category data meta-data uses-permission uses-feature uses-sdk".split(),
                 "android:name android:label android:icon android:theme android:exported "
                 "android:minSdkVersion android:value android:scheme android:host".split(), None),
-    "plist": ("plist", "dict key string integer real true false array date data".split(),
+    "plist": ("plist", "dict array".split(), "key string integer real true false date data".split(),
               "version".split(), None),
-    "xslt": ("xsl:stylesheet", "xsl:template xsl:apply-templates xsl:value-of xsl:for-each xsl:if "
-             "xsl:choose xsl:when xsl:otherwise xsl:variable xsl:param xsl:sort xsl:output".split(),
-             "match select test name mode order method indent".split(),
-             "http://www.w3.org/1999/XSL/Transform"),
-    "records": (None, WORDS, "id type name lang ref status created updated unit currency".split(), None),
+    "xslt": ("xsl:stylesheet", "xsl:template xsl:for-each xsl:if xsl:choose xsl:when xsl:otherwise".split(),
+             "xsl:apply-templates xsl:value-of xsl:variable xsl:param xsl:sort xsl:output".split(),
+             "match select test name mode order method indent".split(), "http://www.w3.org/1999/XSL/Transform"),
+    "records": (None, [w + "s" for w in WORDS[::4]], WORDS, "id type name lang ref status created updated unit "
+                "currency".split(), None),
 }
 PREFIXES = "ext app meta dc ns x media geo".split()
 
 
-def _xml_text(rng):
-    s = _sentence(rng, 1, 8)
-    r = rng.random()
-    if r < 0.15:
+def _xml_value(rng, name):
+    """A value of the kind that `name` always holds: a number, a flag, an identifier, a path or prose."""
+    kind = sum(map(ord, name.split(":")[-1])) % 5
+    if kind == 0:
+        return _number(rng)
+    if kind == 1:
+        return rng.choice(("true", "false", "none", "auto", "#" + "".join(rng.choice("0123456789abcdef") for _ in range(6))))
+    if kind == 2:
+        return _ident(rng) if rng.random() < 0.9 else f"{_ident(rng)} &amp; {_ident(rng)}"
+    if kind == 3:
+        return "/".join(rng.choice(WORDS) for _ in range(_count(rng, 1, 4)))
+    s = _sentence(rng, 1, 1)[:-1] + "".join(" " + rng.choice(PROSE + WORDS) for _ in range(_count(rng, 0, 6))) + "."
+    if rng.random() < 0.2:
         s = s.replace(" ", rng.choice((" &amp; ", " &lt; ", " &gt; ", " &#169; ", " &#x2014; ")), 1)
-    elif r < 0.3:
-        s = _number(rng)
     return s
 
 
-def _xml_attr_value(rng):
-    r = rng.random()
-    if r < 0.3:
-        return _number(rng)
-    if r < 0.5:
-        return rng.choice(("true", "false", "none", "auto", "#" + "".join(rng.choice("0123456789abcdef") for _ in range(6))))
-    if r < 0.6:
-        return f"{_ident(rng)} &amp; {_ident(rng)}"
-    return _ident(rng) if rng.random() < 0.5 else "/".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
-
-
-def _xml_element(rng, tags, attrs, prefix, depth, out, indent):
-    tag = rng.choice(tags)
+def _xml_element(rng, domain, prefix, depth, out, indent):
+    _, containers, leaves, attrs, _ = domain
+    container = depth > 0 and rng.random() < 0.5
+    tag = rng.choice(containers if container else leaves)
     if prefix and rng.random() < 0.15:
         tag = f"{prefix}:{tag.split(':')[-1]}"
-    names = rng.sample(attrs, k=min(len(attrs), rng.choice((0, 0, 1, 1, 2, 3))))
-    a = "".join(f' {n}="{_xml_attr_value(rng)}"' for n in names)
+    names = rng.sample(attrs, k=min(len(attrs), _count(rng, 0, 3)))
+    a = "".join(f' {n}="{_xml_value(rng, n)}"' for n in names)
     pad = "  " * indent
-    if depth <= 0 or rng.random() < 0.3:
-        if rng.random() < 0.2:
+    if not container:
+        if names and rng.random() < 0.4:
             out.append(f"{pad}<{tag}{a}/>")
-        elif rng.random() < 0.08:
+        elif rng.random() < 0.05:
             raw = rng.choice(("if (a < b && c > d) {", "x = <y>;", "<b>raw</b> &"))
             out.append(f"{pad}<{tag}{a}><![CDATA[{raw} {_sentence(rng, 2, 6)}]]></{tag}>")
         else:
-            out.append(f"{pad}<{tag}{a}>{_xml_text(rng)}</{tag}>")
+            out.append(f"{pad}<{tag}{a}>{_xml_value(rng, tag)}</{tag}>")
         return
     out.append(f"{pad}<{tag}{a}>")
     for _ in range(_count(rng, 1, 5)):
@@ -149,12 +153,13 @@ def _xml_element(rng, tags, attrs, prefix, depth, out, indent):
         elif r < 0.1:
             out.append(f"{pad}  <?{rng.choice(('render', 'php-style', 'build'))} {_ident(rng)}=\"{_number(rng)}\"?>")
         else:
-            _xml_element(rng, tags, attrs, prefix, depth - 1, out, indent + 1)
+            _xml_element(rng, domain, prefix, depth - 1, out, indent + 1)
     out.append(f"{pad}</{tag}>")
 
 
 def gen_xml(rng, short=False):
-    root, tags, attrs, ns = XML_DOMAINS[rng.choice(sorted(XML_DOMAINS))]
+    domain = XML_DOMAINS[rng.choice(sorted(XML_DOMAINS))]
+    root, _, _, attrs, ns = domain
     root = root or _ident(rng, 1) + rng.choice(("s", "List", "Set", "Data", "Export"))
     out = []
     if rng.random() < 0.7:
@@ -177,8 +182,7 @@ def gen_xml(rng, short=False):
         decl += f' viewBox="0 0 {rng.randint(16, 512)} {rng.randint(16, 512)}"'
     out.append(f"<{root}{decl}>")
     for _ in range(_count(rng, 1, 6)):
-        depth = int(rng.random() < 0.3) if short else rng.randint(0, 4)
-        _xml_element(rng, tags, attrs, prefix, depth, out, 1)
+        _xml_element(rng, domain, prefix, 1 if short else rng.randint(0, 4), out, 1)
     out.append(f"</{root}>")
     return "\n".join(out) + "\n"
 

@@ -6,14 +6,17 @@ import os
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import QUICK, read_jsonl, run_train
+from train import load_config
+
+TINY = load_config(["config/tiny.py"])  # the schedule tiny_run trained with
 
 
 def test_tensorboard_scalars_equal_metrics_jsonl(tiny_run):
     records = read_jsonl(os.path.join(tiny_run, "metrics.jsonl"))
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    assert [r["step"] for r in train] == [1] + list(range(50, 1001, 50))
-    assert [r["step"] for r in evals] == list(range(0, 1001, 100))
+    assert [r["step"] for r in train] == [1] + list(range(TINY.log_interval, TINY.max_iters + 1, TINY.log_interval))
+    assert [r["step"] for r in evals] == list(range(0, TINY.max_iters + 1, TINY.eval_interval))
     acc = EventAccumulator(os.path.join(tiny_run, "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -31,12 +34,12 @@ def test_summary_names_stop_reason_and_best_step(tiny_run):
         s = json.load(f)
     evals = [r for r in read_jsonl(os.path.join(tiny_run, "metrics.jsonl")) if r.get("kind") == "eval"]
     best = min(evals, key=lambda r: r["val_loss"])
-    assert s["stop_reason"] == "reached max_iters=1000"
+    assert s["stop_reason"] == f"reached max_iters={TINY.max_iters}"
     assert (s["best_metric"], s["best_step"]) == (best["val_loss"], best["step"])
     assert s["final_eval"]["val_loss"] == evals[-1]["val_loss"]
     assert s["export_path"] == os.path.join(tiny_run, "best")
     md = open(os.path.join(tiny_run, "summary.md")).read()
-    assert "reached max_iters=1000" in md
+    assert f"reached max_iters={TINY.max_iters}" in md
     assert f"{best['val_loss']:.6g} at step {best['step']}" in md
     # the tiny default learns: val loss falls by far more than 40%
     assert evals[-1]["val_loss"] < 0.6 * evals[0]["val_loss"]
