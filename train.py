@@ -29,7 +29,8 @@ from transformers import AutoTokenizer
 import ckpt
 import config
 from data.loader import DataError, TokenLoader, read_meta, val_batches
-from model.phi import ModelLoadError, Phi, PhiConfig, expand_state_dict, load_hf_state_dict
+from model.expand import expand_state_dict
+from model.phi import ModelLoadError, Phi, PhiConfig, load_hf_state_dict
 from monitor import Monitor, flops_per_token
 
 

@@ -6,7 +6,6 @@ checkpoints load and save without a conversion table.
     _, loss = model(idx, targets)                           # chunked cross-entropy, ignore_index=-100
     model.save_pretrained("out/export", max_shard_size="2GB")
 """
-import copy
 import dataclasses
 import json
 import math
@@ -374,48 +373,3 @@ def load_hf_state_dict(path):
         with safe_open(file, "pt") as f:
             sd.update({k: f.get_tensor(k) for k in f.keys() if k in expected})
     return cfg, sd
-
-
-def _expansion(n_layers, n_new):
-    """LLaMA-Pro placement: n_new even groups of blocks, a copy after each group's last block.
-    -> (source block of each position in the new stack, positions of the copies)."""
-    if not 0 < n_new <= n_layers:
-        raise ValueError(f"expand_layers: n_new must be in 1..{n_layers}, got {n_new}")
-    after = {(i + 1) * n_layers // n_new - 1 for i in range(n_new)}
-    src = [j for i in range(n_layers) for j in ([i, i] if i in after else [i])]
-    return src, [i for i in range(1, len(src)) if src[i] == src[i - 1]]
-
-
-ZEROED = ("self_attn.dense.weight", "self_attn.dense.bias", "mlp.fc2.weight", "mlp.fc2.bias")
-
-
-def expand_layers(model, n_new, train_only_new=False):
-    """Block expansion: the copies get self_attn.dense and mlp.fc2 zeroed, so the model computes the same
-    function. -> indices of the new blocks. train_only_new freezes everything else."""
-    src, new = _expansion(len(model.model.layers), n_new)
-    blocks = [copy.deepcopy(model.model.layers[j]) if i in new else model.model.layers[j] for i, j in enumerate(src)]
-    with torch.no_grad():
-        for i in new:
-            for name in ZEROED:
-                blocks[i].get_parameter(name).zero_()
-    model.model.layers = nn.ModuleList(blocks)
-    model.cfg = dataclasses.replace(model.cfg, num_hidden_layers=len(blocks))
-    if train_only_new:
-        model.requires_grad_(False)
-        for i in new:
-            blocks[i].requires_grad_(True)
-    return new
-
-
-def expand_state_dict(cfg, sd, n_new):
-    """expand_layers on a state dict (which may be empty, e.g. on ranks that receive weights by broadcast)
-    -> (new cfg, new sd, new block indices)."""
-    src, new = _expansion(cfg.num_hidden_layers, n_new)
-    out = {k: v for k, v in sd.items() if not k.startswith("model.layers.")}
-    for i, j in enumerate(src):
-        for k, v in sd.items():
-            if k.startswith(f"model.layers.{j}."):
-                rest = k[len(f"model.layers.{j}."):]
-                copied = torch.zeros_like(v) if rest in ZEROED else v.clone()
-                out[f"model.layers.{i}.{rest}"] = copied if i in new else v
-    return dataclasses.replace(cfg, num_hidden_layers=len(src)), out, new

@@ -166,7 +166,7 @@ def test_uint32_for_large_vocabularies(tmp_path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(tmp_path / "tok")
-    meta = prep.prepare(["synthetic:10"], out=tmp_path / "out", tokenizer=str(tmp_path / "tok"), workers=0, quiet=True)
+    meta = prep.prepare(["synthetic:40"], out=tmp_path / "out", tokenizer=str(tmp_path / "tok"), workers=0, quiet=True)
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_002 and meta["eos_id"] == 70_001
     ids = np.fromfile(tmp_path / "out" / "train_xml.bin", dtype=np.uint32)
     assert set(ids.tolist()) == {70_000, 70_001}

@@ -12,8 +12,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.phi import (CE_CHUNK, ModelLoadError, Phi, PhiConfig, chunked_cross_entropy, expand_layers,
-                       expand_state_dict, load_hf_state_dict)
+from model.expand import expand_state_dict
+from model.phi import CE_CHUNK, ModelLoadError, Phi, PhiConfig, chunked_cross_entropy, load_hf_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,37 +109,34 @@ def test_config_roundtrip_and_presets():
         PhiConfig.preset("nope")
 
 
-def test_expansion_keeps_function_and_counts(tmp_path):
+def test_expansion_keeps_function_and_counts():
     torch.manual_seed(0)
     cfg = PhiConfig.preset("test")
     model = randomize(Phi(cfg)).eval()
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    n0 = sum(p.numel() for p in model.parameters())
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    cfg2, sd2, new = expand_state_dict(cfg, model.state_dict(), 2)
+    grown = Phi(cfg2).eval()
+    grown.load_state_dict(sd2)  # strict: every key of the grown model, nothing else
     idx = torch.randint(0, cfg.vocab_size, (2, 30))
     with torch.no_grad():
-        before = model(idx)
-        new = expand_layers(model, 2, train_only_new=True)
-        after = model(idx)
-    assert torch.equal(before, after)
-    assert new == [1, 3] and model.cfg.num_hidden_layers == 4 == len(model.model.layers)
-    assert sum(p.numel() for p in model.parameters()) == n0 + 2 * per_layer
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(re.match(r"model\.layers\.(1|3)\.", n) for n in trainable)
-    cfg2, sd2, new2 = expand_state_dict(cfg, sd, 2)
-    assert new2 == new and cfg2 == model.cfg
-    assert sd2.keys() == model.state_dict().keys()
-    assert all(torch.equal(sd2[k], v) for k, v in model.state_dict().items())
+        assert torch.equal(model(idx), grown(idx))
+    assert new == [1, 3] and cfg2.num_hidden_layers == 4
+    assert sum(p.numel() for p in grown.parameters()) == sum(p.numel() for p in model.parameters()) + 2 * per_layer
+    assert torch.equal(sd2["model.layers.1.mlp.fc1.weight"], sd2["model.layers.0.mlp.fc1.weight"])
+    assert not sd2["model.layers.1.mlp.fc2.weight"].any() and sd2["model.layers.2.mlp.fc2.weight"].any()
     assert expand_state_dict(cfg, {}, 2) == (cfg2, {}, new)  # ranks that get weights by broadcast pass {}
+    with pytest.raises(ValueError, match=r"n_new must be in 1..2, got 3"):
+        expand_state_dict(cfg, {}, 3)
 
 
 def test_phi2_parameter_counts_on_meta():
+    cfg = PhiConfig.preset("phi-2")
+    cfg2, _, new = expand_state_dict(cfg, {}, 5)
     with torch.device("meta"):
-        model = Phi(PhiConfig.preset("phi-2"))
+        model, grown = Phi(cfg), Phi(cfg2)
     assert sum(p.numel() for p in model.parameters()) == 2_779_683_840
-    new = expand_layers(model, 5)
-    assert len(model.model.layers) == 37 and len(new) == 5 and new[-1] == 36
-    assert sum(p.numel() for p in model.parameters()) == 3_173_040_640
+    assert cfg2.num_hidden_layers == 37 and len(new) == 5 and new[-1] == 36
+    assert sum(p.numel() for p in grown.parameters()) == 3_173_040_640
 
 
 def test_init_weights_after_to_empty_matches_and_is_seeded():
