@@ -63,5 +63,5 @@ def tiny_run(tmp_path_factory):
     its checkpoints serve the monitor, ckpt and validate tests."""
     root = tmp_path_factory.mktemp("run")
     out = str(root / "tiny")
-    run_train(["config/tiny.py", f"--out_dir={out}", f"--data_dir={root / 'data'}"])
+    run_train(["config/tiny.py", f"--out_dir={out}", f"--data_dir={root / 'data'}"], timeout=1200)  # ~8 min here
     return out
