@@ -322,18 +322,20 @@ def bench_monitor(cfg, tmp, pairs):
         for m in mons.values():
             m.finish({"stop_reason": "bench"})
     ratios = sorted(a[0] / b[0] for a, b in zip(runs["on"], runs["off"]))
+    ratio = statistics.median(ratios)
     med = {side: [statistics.median(v) for v in zip(*r)] for side, r in runs.items()}
-    (on, lon, kon, _), (off, loff, koff, _) = med["on"], med["off"]
+    (_, lon, kon, _), (off, loff, koff, _) = med["on"], med["off"]
     sink = (lon - loff) / n + bg * statistics.median(w for r in runs.values() for _, _, _, w in r)  # CPU s per step
     clock = "wall" if device.type == "cuda" else "CPU time of the process tree"
-    return [row("monitor/step_time", statistics.median(ratios) * off * 1e3, off * 1e3, "ms", "lower",
-                overhead_pct=100 * (statistics.median(ratios) - 1), pair_ratios=ratios, log_interval=n, pairs=pairs,
-                clock=clock, sinks_on=sinks, children_cpu_ms_per_block_on=kon * 1e3,
-                children_cpu_ms_per_block_off=koff * 1e3),
+    return [row("monitor/step_time", ratio * off * 1e3, off * 1e3, "ms", "lower", overhead_pct=100 * (ratio - 1),
+                pair_ratios=ratios, log_interval=n, pairs=pairs, clock=clock, sinks_on=sinks,
+                children_cpu_ms_per_block_on=kon * 1e3, children_cpu_ms_per_block_off=koff * 1e3),
             row("monitor/sink_cpu", (off + sink) * 1e3, off * 1e3, "ms", "lower", overhead_pct=100 * sink / off,
                 log_step_cpu_ms_on=lon * 1e3, log_step_cpu_ms_off=loff * 1e3, background_cpu_pct_of_a_core=bg * 100,
                 log_interval=n, sinks_on=sinks, step_clock=clock)]
 
+
+# -- output ------------------------------------------------------------------------------------------------------------
 
 def row(name, ours, baseline, unit, better, **details):
     ratio = ours / baseline if ours is not None and baseline else None
