@@ -15,7 +15,7 @@ Each measurement is a JSON object: name, ours, baseline, unit, ratio (ours / bas
            time from whoever runs). Peak memory, each side alone in a fresh process: CUDA max_memory_allocated;
            CPU the peak RSS while training (VmHWM, reset through /proc/self/clear_refs once the model is built)
            minus the RSS before the model was built.
-  ckpt     safetensors save_file / load_file of the same tensors (ckpt.bench_io).
+  ckpt     safetensors save_file / load_file of the same tensors (ckpt_io).
   loader   the batches per second the training step of this config consumes.
   prepare  one process of tokenizers' encode_batch over the same files, without cleaning, dedup or writing.
   monitor  the same step loop with TensorBoard off and W&B disabled (metrics.jsonl is always written), logging
@@ -29,6 +29,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,7 +46,8 @@ import transformers
 import ckpt
 from model.phi import PhiConfig
 from monitor import Monitor, flops_per_token, peak_flops
-from train import adamw, apply_ac, apply_compile, build_model, clip_grads, forward_backward, load_config
+from model.parallel import apply_ac, apply_compile, build_model
+from train import Guard, adamw, load_config, train_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCALER = torch.amp.GradScaler(enabled=False)  # no loss scaling on either side, fp16 included
@@ -73,14 +75,9 @@ def peak_bytes(device, before):
     return rss_bytes("VmHWM") - before
 
 
-def our_step(model, opt, batches, ctx, cfg, sharded=False):
-    """train.py's step, by its own functions, minus the divergence guard's bookkeeping: forward_backward, clip_grads,
-    the one host sync, AdamW."""
-    loss_sum, n_valid = forward_backward(model, batches, ctx, SCALER, sharded)
-    gnorm = clip_grads(model, opt, SCALER, cfg.grad_clip)
-    torch.stack([loss_sum, n_valid, gnorm.float()]).tolist()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def our_step(model, opt, batches, ctx, cfg, sharded, guard):
+    """train.py's own train_step: forward and backward, clipping, the one host sync, the guard, AdamW."""
+    train_step(model, opt, SCALER, batches, ctx, cfg, guard, sharded, signalled=False, nan=False)
 
 
 def hf_step(model, opt, batches, ctx, cfg):
@@ -110,7 +107,7 @@ def setup(side, cfg, device):
         cfg.grad_accum, cfg.batch_size, cfg.block_size + 1), device=device)]
     if side == "ours":
         model, mcfg, sharded = build_model(cfg, mcfg.vocab_size, 0, 1, device, ptdtype)
-        step = functools.partial(our_step, sharded=sharded)
+        step = functools.partial(our_step, sharded=sharded, guard=Guard())
     else:
         model = transformers.PhiForCausalLM(transformers.PhiConfig(**mcfg.to_hf_dict())).to(device)
         if cfg.activation_checkpointing != "none":  # the same techniques, applied the same way
@@ -207,12 +204,71 @@ def bench_train(args, steps, warmup, label="train"):
 
 # -- ckpt, loader, prepare, monitor -----------------------------------------------------------------------------------
 
+def ckpt_io(tmp_dir, n_params=32 << 20, repeats=3):
+    """GB/s of ckpt.save()/load() vs safetensors save_file/load_file (+ copy into the same tensors) on one full
+    state: an n_params fp32 model with AdamW state, one process. Best of `repeats`, interleaved, so a busy
+    disk hurts both alike. Returns a dict of GB/s and the ratios ours/safetensors (save also vs save_file + fsync)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file, save_file
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    os.makedirs(tmp_dir, exist_ok=True)
+    width = 2048
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(n_params // width**2)])
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()
+    model_sd, optim_sd = get_state_dict(model, opt)  # the tensors ckpt.save writes
+    flat = {f"model.{k}": v for k, v in model_sd.items()}
+    flat.update({f"optim.{k}.{n}": v for k, d in optim_sd["state"].items() for n, v in d.items()
+                 if isinstance(v, torch.Tensor)})
+    gb = sum(v.numel() * v.element_size() for v in flat.values()) / 1e9
+    ref = os.path.join(tmp_dir, "ref.safetensors")
+
+    def ref_save_fsync():  # the durable baseline: a checkpoint must survive a power cut, so save() fsyncs
+        save_file(flat, ref)
+        with open(ref, "rb") as f:
+            os.fsync(f.fileno())
+
+    def ref_load():
+        for k, v in load_file(ref).items():
+            flat[k].copy_(v)
+
+    def stock_save():  # what ckpt._Writer replaces: DCP's own HF writer, which only writes (no checksums)
+        shutil.rmtree(os.path.join(tmp_dir, "stock"), ignore_errors=True)
+        writer = HuggingFaceStorageWriter(os.path.join(tmp_dir, "stock"), save_distributed=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optim": optim_sd["state"]}, storage_writer=writer)
+    steps = [("st_save", lambda: save_file(flat, ref)), ("st_save_fsync", ref_save_fsync),
+             ("save", lambda: ckpt.save(tmp_dir, 1, model, opt, {})), ("stock_save", stock_save),
+             ("st_load", ref_load),
+             ("load", lambda: ckpt.load(os.path.join(tmp_dir, "ckpt", "step-000001"), model, opt))]
+    best = {}
+    for _ in range(repeats):
+        for name, fn in steps:
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+    os.remove(ref)
+    shutil.rmtree(os.path.join(tmp_dir, "ckpt"))
+    shutil.rmtree(os.path.join(tmp_dir, "stock"))
+    r = {"gb": gb, **{f"{k}_gbps": gb / v for k, v in best.items()}}
+    r.update(save_ratio=r["save_gbps"] / r["st_save_gbps"], load_ratio=r["load_gbps"] / r["st_load_gbps"],
+             save_ratio_fsync=r["save_gbps"] / r["st_save_fsync_gbps"])
+    return r
+
+
 def bench_ckpt(tmp, n_params, repeats):
-    r = ckpt.bench_io(tmp, n_params=n_params, repeats=repeats)
+    r = ckpt_io(tmp, n_params=n_params, repeats=repeats)
     info = dict(gb=r["gb"], params=n_params, repeats=repeats, best_of=True)
     return [row("ckpt/save", r["save_gbps"], r["st_save_gbps"], "GB/s", "higher",
                 vs_save_file_fsync=r["save_ratio_fsync"], **info),
-            row("ckpt/load", r["load_gbps"], r["st_load_gbps"], "GB/s", "higher", **info)]
+            row("ckpt/load", r["load_gbps"], r["st_load_gbps"], "GB/s", "higher", **info),
+            row("ckpt/writer", r["save_gbps"], r["stock_save_gbps"], "GB/s", "higher",
+                baseline_is="DCP's HuggingFaceStorageWriter, which only writes (ours also checksums)", **info)]
 
 
 def bench_prepare(tmp, n_docs, vocab):
@@ -293,13 +349,15 @@ def bench_monitor(cfg, tmp, pairs):
         ids = {t.native_id for t in threading.enumerate() if t is not threading.main_thread()}
         return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ids) + cpu_tree()[1]
 
+    guard = Guard()
+
     def block(mon):
         """-> (cost per step, log_step's own CPU time, the children's CPU time, wall time per step)"""
         nonlocal step
         t0, (own0, kids0) = time.perf_counter(), cpu_tree()
         for _ in range(n):
             t = time.perf_counter()
-            our_step(model, opt, batches, ctx, cfg, sharded)
+            our_step(model, opt, batches, ctx, cfg, sharded, guard)
             step += 1
         c = time.thread_time()
         mon.log_step(step, dict(loss=1.0, lr=1e-3, grad_norm=1.0, dt=time.perf_counter() - t, data_wait=0.0,
@@ -308,7 +366,7 @@ def bench_monitor(cfg, tmp, pairs):
         wall, (own, kids) = (time.perf_counter() - t0) / n, cpu_tree()
         return (wall if device.type == "cuda" else (own - own0 + kids - kids0) / n), log_cpu, kids - kids0, wall
 
-    our_step(model, opt, batches, ctx, cfg, sharded)  # warm-up
+    our_step(model, opt, batches, ctx, cfg, sharded, guard)  # warm-up
     runs = {"on": [], "off": []}
     with contextlib.redirect_stdout(io.StringIO()):  # the console line is printed on both sides; not shown here
         for m in mons.values():  # a run pays the first log (W&B: tens of ms) once, not every log_interval

@@ -26,7 +26,6 @@ Files: out_dir/metrics.jsonl, out_dir/tb/, out_dir/wandb/ (or $WANDB_DIR), out_d
 """
 import importlib
 import json
-import math
 import os
 import secrets
 import statistics
@@ -37,6 +36,8 @@ import time
 import psutil
 import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
+
+from evals.loss import perplexity
 
 
 class MonitorError(ValueError):
@@ -255,7 +256,7 @@ class Monitor:
             return
         m = {k: (v if v is None or isinstance(v, int) else float(v)) for k, v in metrics.items()}
         if m.get("loss") is not None:
-            m["ppl"] = math.exp(min(m["loss"], 50.0))  # capped as train.py does: exp overflows past ~709
+            m["ppl"] = perplexity(m["loss"])
         if m.get("tokens") and m.get("dt"):
             m["tok_per_s"] = m["tokens"] / m["dt"]
             m["tok_per_s_device"] = m["tok_per_s"] / self.world_size
@@ -303,7 +304,7 @@ class Monitor:
             return
         m = {k: (None if v is None else float(v)) for k, v in metrics.items()}
         for k in [k for k in m if k.startswith("val_loss") and m[k] is not None]:
-            m.setdefault("val_ppl" + k[len("val_loss"):], math.exp(min(m[k], 50.0)))
+            m.setdefault("val_ppl" + k[len("val_loss"):], perplexity(m[k]))
         self._write({"step": step, "kind": "eval", "time": time.time(), **m},
                     {k: v for k, v in m.items() if v is not None})
         if self.tb:
@@ -324,8 +325,8 @@ class Monitor:
 
     def finish(self, info):
         """Write summary.json + summary.md from metrics.jsonl and info, then close every sink.
-        info: stop_reason, tokens, steps, best_metric, best_step, best_metric_name, checkpoints, export_path,
-        final_eval (dict); anything missing is taken from metrics.jsonl where it can be."""
+        info: stop_reason, tokens, steps, best_metric, best_step, best_metric_name, higher_is_better, checkpoints,
+        export_path, final_eval (dict); anything missing is taken from metrics.jsonl where it can be."""
         if not self.active:
             return None
         self.jsonl.close()
@@ -384,10 +385,11 @@ def summarize(out_dir, info, config, wall_time_s, run_id, device_name):
     steps, evals, events = read_metrics(out_dir)
     best_name = info.get("best_metric_name", "val_loss")
     best, best_step = info.get("best_metric"), info.get("best_step")
-    if best is None:
+    if best is None:  # not given: the best eval record, in the direction info says (lower by default)
         scored = [r for r in evals if r.get(best_name) is not None]
         if scored:
-            b = min(scored, key=lambda r: r[best_name])
+            pick = max if info.get("higher_is_better") else min
+            b = pick(scored, key=lambda r: r[best_name])
             best, best_step = b[best_name], b["step"]
     final_eval = info.get("final_eval")
     if final_eval is None and evals:

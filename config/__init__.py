@@ -4,6 +4,7 @@
 
 A later file overrides an earlier one and flags override files. Every key must be a field of the dataclass and
 have its type (an int is accepted for a float); anything else is a one-line ValueError naming the nearest key.
+choices {key: allowed values} and positive (keys that must be > 0) are checked on the result.
 """
 import ast
 import dataclasses
@@ -11,19 +12,21 @@ import difflib
 import os
 
 
-def load(cls, args):
+def load(cls, args, choices=None, positive=()):
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     values = {}
 
     def put(key, value, where):
         if key not in types:
             near = difflib.get_close_matches(key, types, n=1)
-            raise ValueError(f"unknown config key '{key}' in {where}" + (f"; did you mean '{near[0]}'?" if near else ""))
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ValueError(f"unknown config key '{key}' in {where}{hint}")
         want = types[key]
         if want is float and type(value) is int:
             value = float(value)
         if type(value) is not want:
-            raise ValueError(f"config key '{key}' in {where} must be {want.__name__}, got {type(value).__name__} {value!r}")
+            raise ValueError(f"config key '{key}' in {where} must be {want.__name__}, "
+                             f"got {type(value).__name__} {value!r}")
         values[key] = value
 
     for arg in args:
@@ -44,4 +47,11 @@ def load(cls, args):
             for key, value in scope.items():
                 if not key.startswith("__") and not callable(value) and type(value).__name__ != "module":
                     put(key, value, arg)
-    return cls(**values)
+    cfg = cls(**values)
+    for key, allowed in (choices or {}).items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config key '{key}' must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    for key in positive:
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"config key '{key}' must be > 0, got {getattr(cfg, key)!r}")
+    return cfg

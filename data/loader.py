@@ -74,7 +74,8 @@ class TokenLoader:
             tokens = open_tokens(data_dir, self.meta, "train", lang)
             if len(tokens) < 2 * self.block_size + 1:
                 raise DataError(f"train_{lang}.bin has {len(tokens)} tokens, fewer than 2*block_size+1="
-                                f"{2 * self.block_size + 1}: add data, drop {lang!r} from the mixture or lower block_size")
+                                f"{2 * self.block_size + 1}: add data, drop {lang!r} from the mixture "
+                                "or lower block_size")
             self.data[lang] = tokens
         self.slots, self.slot_rank, self.per_cycle = _pattern(self.weights, self.seed)
         self.perms = {}  # (lang, epoch) -> chunk permutation; only the current epochs are kept
@@ -127,12 +128,15 @@ class TokenLoader:
 
     def load_state_dict(self, state):
         if not isinstance(state, dict) or not isinstance(state.get("index"), int) or state["index"] < 0:
-            raise DataError(f"loader state has no valid 'index' (got {str(state)[:80]}): the checkpoint's train_state is damaged")
-        changed = [f"{key} {state[key]} -> {getattr(self, key)}" for key in ("world_size", "batch_size", "seed", "block_size")
+            raise DataError(f"loader state has no valid 'index' (got {str(state)[:80]}): "
+                            "the checkpoint's train_state is damaged")
+        changed = [f"{key} {state[key]} -> {getattr(self, key)}"
+                   for key in ("world_size", "batch_size", "seed", "block_size")
                    if key in state and state[key] != getattr(self, key)]
         if "mixture" in state and [list(x) for x in state["mixture"]] != [[lang, w] for lang, w in self.weights]:
             changed.append("mixture")
-        if "tokens" in state and [list(x) for x in state["tokens"]] != [[lang, len(self.data[lang])] for lang, _ in self.weights]:
+        if "tokens" in state and ([list(x) for x in state["tokens"]]
+                                  != [[lang, len(self.data[lang])] for lang, _ in self.weights]):
             changed.append("data")
         self.index = int(state["index"])
         if changed and self.rank == 0:

@@ -220,7 +220,8 @@ def clean(name, lang, raw, flt):
         return None, "auto_generated", fixes
     lines = raw.split("\n")
     longest, mean = max(map(len, lines)), (len(raw) - len(lines) + 1) / len(lines)
-    if lang in ("js", "ts") and (name.endswith((".min.js", ".min.mjs")) or longest > flt.max_line or mean > flt.max_mean_line):
+    if lang in ("js", "ts") and (name.endswith((".min.js", ".min.mjs")) or longest > flt.max_line
+                                 or mean > flt.max_mean_line):
         return None, "minified", fixes
     if longest > flt.max_line:
         return None, "long_lines", fixes
@@ -266,9 +267,11 @@ def load_tokenizer(path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken directory
-        raise DataError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise DataError(f"cannot load a tokenizer from {path}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if not getattr(tok, "is_fast", False):
-        raise DataError(f"tokenizer {path} has no fast backend (tokenizer.json): save it with a fast tokenizer class first")
+        raise DataError(f"tokenizer {path} has no fast backend (tokenizer.json): "
+                        "save it with a fast tokenizer class first")
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer {path} has no eos token: documents need one as separator")
     return tok
@@ -344,7 +347,8 @@ def prepare(sources, out, tokenizer=None, train_tokenizer=None, val_fraction=0.0
     if (tokenizer is None) == (train_tokenizer is None):
         raise DataError("give exactly one of --tokenizer PATH or --train-tokenizer VOCAB")
     if train_tokenizer is not None and int(train_tokenizer) < 300:
-        raise DataError(f"--train-tokenizer {train_tokenizer} is too small: byte-level BPE needs at least 300 (256 bytes + merges)")
+        raise DataError(f"--train-tokenizer {train_tokenizer} is too small: "
+                        "byte-level BPE needs at least 300 (256 bytes + merges)")
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     flt = filters or Filters()
@@ -524,7 +528,8 @@ def summary(meta, out):
                      f"val {s['val']['docs']:>6} docs {s['val']['tokens']:>9} tokens")
     dropped = ", ".join(f"{k}={v}" for k, v in meta["filters"]["dropped"].items())
     lines.append(f"  dropped: {dropped}")
-    lines.append(f"  normalised: bom={meta['filters']['normalised']['bom']} crlf={meta['filters']['normalised']['crlf']}")
+    lines.append(f"  normalised: bom={meta['filters']['normalised']['bom']} "
+                 f"crlf={meta['filters']['normalised']['crlf']}")
     if "diversity" in meta:
         lines.append("  diversity: " + ", ".join(f"{k}={v}" for k, v in meta["diversity"].items()))
     return "\n".join(lines)
@@ -533,16 +538,19 @@ def summary(meta, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("sources", nargs="+", metavar="SRC", help="directory, .jsonl[.gz] or synthetic[:N], each optionally @WEIGHT")
+    p.add_argument("sources", nargs="+", metavar="SRC",
+                   help="directory, .jsonl[.gz] or synthetic[:N], each optionally @WEIGHT")
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tokenizer", help="local HF tokenizer directory (e.g. a phi-2 download)")
     g.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
                    help="train a byte-level BPE of this size, saved in OUT/tokenizer")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out for val (default 0.02)")
+    p.add_argument("--val-fraction", type=float, default=0.02,
+                   help="share of documents held out for val (default 0.02)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count, at most 8)")
     for f, default in asdict(Filters()).items():
-        p.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default, help=f"filter (default {default})")
+        p.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default,
+                       help=f"filter (default {default})")
     a = p.parse_args(argv)
     flt = Filters(**{f: getattr(a, f) for f in asdict(Filters())})
     try:

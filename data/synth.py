@@ -62,7 +62,8 @@ def _count(rng, lo, hi):
 
 
 def _number(rng):
-    return rng.choice((str(rng.randint(0, 9)), str(rng.randint(10, 9999)), f"{rng.uniform(0, 100):.{rng.randint(1, 3)}f}"))
+    return rng.choice((str(rng.randint(0, 9)), str(rng.randint(10, 9999)),
+                       f"{rng.uniform(0, 100):.{rng.randint(1, 3)}f}"))
 
 
 # ---------------------------------------------------------------- XML
@@ -116,7 +117,8 @@ def _xml_value(rng, name):
     if kind == 0:
         return _number(rng)
     if kind == 1:
-        return rng.choice(("true", "false", "none", "auto", "#" + "".join(rng.choice("0123456789abcdef") for _ in range(6))))
+        return rng.choice(("true", "false", "none", "auto",
+                           "#" + "".join(rng.choice("0123456789abcdef") for _ in range(6))))
     if kind == 2:
         return _ident(rng) if rng.random() < 0.9 else f"{_ident(rng)} &amp; {_ident(rng)}"
     if kind == 3:
@@ -226,18 +228,23 @@ class _JS:
         if r < 0.12:
             # parenthesise logical operands: `a ?? b && c` is a SyntaxError
             wrap = lambda x: f"({x})" if any(op in x for op in (" ?? ", " && ", " || ", " ? ")) else x
-            return f"{wrap(e())} {rng.choice(('+', '-', '*', '/', '%', '===', '!==', '<', '>=', '&&', '||', '??'))} {wrap(e())}"
+            return (f"{wrap(e())} {rng.choice(('+', '-', '*', '/', '%', '===', '!==', '<', '>=', '&&', '||', '??'))} "
+                    f"{wrap(e())}")
         if r < 0.24:
-            return f"{self.ref()}{rng.choice(('.', '?.'))}{_ident(rng, 1)}({', '.join(e() for _ in range(rng.randint(0, 2)))})"
+            return (f"{self.ref()}{rng.choice(('.', '?.'))}{_ident(rng, 1)}"
+                    f"({', '.join(e() for _ in range(rng.randint(0, 2)))})")
         if r < 0.32:
             body = self.expr(depth - 1)  # the arrow is not async: no await inside
             body = f"({body})" if body.startswith("{") else body
-            return f"{self.ref()}.{rng.choice(('map', 'filter', 'find', 'some', 'every'))}(({_ident(rng, 1)}) => {body})"
+            return (f"{self.ref()}.{rng.choice(('map', 'filter', 'find', 'some', 'every'))}"
+                    f"(({_ident(rng, 1)}) => {body})")
         if r < 0.4:
-            return f"[{', '.join(e() for _ in range(rng.randint(0, 3)))}{', ...' + self.ref() if rng.random() < 0.3 else ''}]"
+            return (f"[{', '.join(e() for _ in range(rng.randint(0, 3)))}"
+                    f"{', ...' + self.ref() if rng.random() < 0.3 else ''}]")
         if r < 0.5:
             keys = rng.sample(WORDS, rng.randint(1, 3))
-            return "{ " + ", ".join(f"{k}: {e()}" for k in keys) + (f", ...{self.ref()}" if rng.random() < 0.3 else "") + " }"
+            return ("{ " + ", ".join(f"{k}: {e()}" for k in keys)
+                    + (f", ...{self.ref()}" if rng.random() < 0.3 else "") + " }")
         if r < 0.58:
             return f"{e()} ? {e()} : {e()}"
         if r < 0.64:
@@ -312,8 +319,10 @@ class _JS:
             return s
         if r < 0.84:
             cases = rng.sample(WORDS, rng.randint(1, 3))
-            body = "".join(f"{pad}  case '{c}':\n{pad}    {self.ref()}.{_ident(rng, 1)}();\n{pad}    break;\n" for c in cases)
-            return f"{pad}switch ({self.ref()}) {{\n{body}{pad}  default:\n{pad}    throw new Error({self.string()});\n{pad}}}"
+            body = "".join(f"{pad}  case '{c}':\n{pad}    {self.ref()}.{_ident(rng, 1)}();\n{pad}    break;\n"
+                           for c in cases)
+            return (f"{pad}switch ({self.ref()}) {{\n{body}{pad}  default:\n"
+                    f"{pad}    throw new Error({self.string()});\n{pad}}}")
         if r < 0.92:
             return self.function(depth - 1, pad)
         return f"{pad}{self.ref()} {rng.choice(('=', '+=', '??=', '||='))} {self.expr(2, aw)};"
@@ -321,7 +330,8 @@ class _JS:
     def jsdoc(self, pad, params):
         lines = [f"{pad}/**", f"{pad} * {_sentence(self.rng)}"]
         for p in params:
-            lines.append(f"{pad} * @param {{{self.rng.choice(('string', 'number', 'Object', 'Array<string>', 'boolean'))}}} {p}")
+            lines.append(f"{pad} * @param "
+                         f"{{{self.rng.choice(('string', 'number', 'Object', 'Array<string>', 'boolean'))}}} {p}")
         lines.append(f"{pad} * @returns {{{self.rng.choice(('Promise<void>', 'number', 'string', 'Object'))}}}")
         return "\n".join(lines) + f"\n{pad} */\n"
 
@@ -375,13 +385,16 @@ class _JS:
         a, b = self.fresh(), self.fresh()
         tag, item = rng.choice(("div", "section", "article", "main", "aside")), _ident(rng, 1)
         inner = rng.choice((
-            f"<ul>\n        {{{b}.map(({item}) => (\n          <li key={{{item}.id}}>{{{item}.{rng.choice(WORDS)}}}</li>\n        ))}}\n      </ul>",
+            f"<ul>\n        {{{b}.map(({item}) => (\n"
+            f"          <li key={{{item}.id}}>{{{item}.{rng.choice(WORDS)}}}</li>\n"
+            f"        ))}}\n      </ul>",
             f"{{{b} ? <{_pascal(rng)} {rng.choice(WORDS)}={{{b}}} /> : <p>{_sentence(rng, 2, 5)}</p>}}",
             f"<button type=\"button\" onClick={{() => {b}?.({a})}}>\n        {_sentence(rng, 1, 3)}\n      </button>",
             f"<>\n        <span>{{{a}}}</span>\n        <small>{_sentence(rng, 1, 4)}</small>\n      </>",
         ))
         self.scope.pop()
-        return (f"{export}function {name}({{ {a}, {b} }}) {{\n  return (\n    <{tag} className=\"{rng.choice(WORDS)}-{rng.choice(WORDS)}\">\n"
+        return (f"{export}function {name}({{ {a}, {b} }}) {{\n  return (\n"
+                f"    <{tag} className=\"{rng.choice(WORDS)}-{rng.choice(WORDS)}\">\n"
                 f"      <h2>{{{a}}}</h2>\n      {inner}\n    </{tag}>\n  );\n}}")
 
 
@@ -430,7 +443,8 @@ def gen_js(rng, short=False):
 
 # ---------------------------------------------------------------- MDX
 
-MDX_COMPONENTS = "Callout Note Warning Tabs Tab Card CardGrid Badge Steps Step Figure Video CodeGroup Alert Chart".split()
+MDX_COMPONENTS = ("Callout Note Warning Tabs Tab Card CardGrid Badge Steps Step Figure Video CodeGroup "
+                  "Alert Chart").split()
 
 
 def _md_inline(rng):
@@ -446,9 +460,11 @@ def _md_inline(rng):
 def gen_mdx(rng, short=False):
     out, comps, exported = [], rng.sample(MDX_COMPONENTS, rng.randint(1, 4)), []
     if rng.random() < 0.6:
-        out += ["---", f"title: {_sentence(rng, 2, 6)[:-1]}", f"date: 2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+        out += ["---", f"title: {_sentence(rng, 2, 6)[:-1]}",
+                f"date: 2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
                 f"tags: [{', '.join(rng.sample(WORDS, 3))}]", "---", ""]
-    out.append(f"import {{ {', '.join(comps)} }} from '{rng.choice(('@/components', '../components/docs', '@site/src/ui'))}'")
+    out.append(f"import {{ {', '.join(comps)} }} from "
+               f"'{rng.choice(('@/components', '../components/docs', '@site/src/ui'))}'")
     if rng.random() < 0.4:
         name = _ident(rng)
         exported.append(name)
@@ -472,11 +488,13 @@ def gen_mdx(rng, short=False):
                 out.append("| " + " | ".join(rng.choice((_number(rng), rng.choice(WORDS))) for _ in cols) + " |")
             out.append("")
         elif r < 0.7:
-            code = gen_js(random.Random(rng.random()), short=short).strip().splitlines()[:rng.randint(3, 6 if short else 12)]
+            js_rng = random.Random(rng.random())
+            code = gen_js(js_rng, short=short).strip().splitlines()[:rng.randint(3, 6 if short else 12)]
             out += ["```" + rng.choice(("js", "jsx", "javascript")), *code, "```", ""]
         elif r < 0.85:
             c = rng.choice(comps)
-            props = " ".join(rng.choice((f'{k}="{rng.choice(WORDS)}"', f"{k}={{{_number(rng)}}}", f"{k}={{[{_number(rng)}, {_number(rng)}]}}",
+            props = " ".join(rng.choice((f'{k}="{rng.choice(WORDS)}"', f"{k}={{{_number(rng)}}}",
+                                         f"{k}={{[{_number(rng)}, {_number(rng)}]}}",
                                          f"{k}={{{exported[0]}.{k}}}" if exported else k))
                              for k in rng.sample(WORDS, rng.randint(0, 3)))
             props = (" " + props) if props else ""

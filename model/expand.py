@@ -1,5 +1,6 @@
 """LLaMA-Pro block expansion (Wu et al., 2024): grow a pretrained Phi by identity blocks, so that training on a new
-domain can go into new blocks while the old ones keep what they know (train.py: expand_layers, train_only_new_layers)."""
+domain can go into new blocks while the old ones keep what they know (train.py: expand_layers,
+train_only_new_layers)."""
 import dataclasses
 
 import torch

@@ -115,12 +115,16 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     return out
 
 
+def cut_at_stop(text, stop):
+    """text up to the first occurrence of any stop string (all of it when none occurs)."""
+    return text[:min([text.find(s) for s in stop if s in text], default=len(text))]
+
+
 def generate_text(model, tokenizer, prompts, **kw):
     """Strings in, completions out (cut before the first stop string). tokenizer: HF tokenizers or transformers."""
     ids = [getattr(e, "ids", e) for e in (tokenizer.encode(p) for p in prompts)]
     texts = [tokenizer.decode(o) for o in generate(model, ids, tokenizer=tokenizer, **kw)]
-    stop = kw.get("stop") or []
-    return [t[:min([t.find(s) for s in stop if s in t], default=len(t))] for t in texts]
+    return [cut_at_stop(t, kw.get("stop") or []) for t in texts]
 
 
 def main():

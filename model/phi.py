@@ -8,7 +8,6 @@ checkpoints load and save without a conversion table.
 """
 import dataclasses
 import json
-import math
 import os
 import re
 from dataclasses import dataclass

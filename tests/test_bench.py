@@ -1,4 +1,5 @@
 """bench.py runs end to end: every measurement is there, with positive figures. Speed is never asserted here."""
+import datetime
 import json
 import os
 import subprocess
@@ -6,9 +7,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
-EXPECTED = {"train/step_time", "train/tokens_per_s", "train/peak_memory", "ckpt/save", "ckpt/load",
+pytestmark = pytest.mark.slow  # bench.py subprocesses
+EXPECTED = {"train/step_time", "train/tokens_per_s", "train/peak_memory", "ckpt/save", "ckpt/load", "ckpt/writer",
             "prepare/throughput", "loader/batches_per_s", "monitor/step_time", "monitor/sink_cpu"}
 
 
@@ -18,7 +20,9 @@ def test_smoke_writes_every_measurement(tmp_path):
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["commit"] and res["date"] and res["command"].startswith("python bench.py --smoke")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert res["commit"] == head.stdout.strip() and res["command"].startswith("python bench.py --smoke")
+    assert abs(datetime.date.fromisoformat(res["date"]) - datetime.date.today()) <= datetime.timedelta(days=1)
     rows = {row["name"]: row for row in res["results"]}
     assert set(rows) == EXPECTED
     for name, row in rows.items():

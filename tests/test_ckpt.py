@@ -244,20 +244,53 @@ def test_cli_ls_verify_help(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-1])
     assert ckpt.main(["ls", str(tmp_path)]) == 0
     rows = capsys.readouterr().out.splitlines()
+
+    def size(step):  # every file of the checkpoint dir, in MB
+        return f"{sum(f.stat().st_size for f in (tmp_path / 'ckpt' / f'step-{step:06d}').iterdir()) / 1e6:.1f}MB"
     assert rows[0].split() == ["step", "metric", "size", "verifies", "flags"]
-    assert rows[1].split()[:4] == ["1", "2.0000", rows[1].split()[2], "NO"] and str(shard) in rows[1]
-    assert rows[2].split()[1:] == ["1.0000", rows[2].split()[2], "yes", "best"]
-    assert rows[3].split()[3:] == ["yes", "latest"]
+    assert rows[1].split()[:4] == ["1", "2.0000", size(1), "NO"] and str(shard) in rows[1]
+    assert rows[2].split() == ["2", "1.0000", size(2), "yes", "best"]
+    assert rows[3].split() == ["3", "1.5000", size(3), "yes", "latest"]
     assert ckpt.main(["ls", str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: no checkpoints in") and err.count("\n") == 1
-    for sub in ("export", "ls", "verify"):
+    for sub in ("ls", "verify"):
         with pytest.raises(SystemExit) as e:
             ckpt.main([sub, "--help"])
         assert e.value.code == 0 and "usage: " in capsys.readouterr().out
     # the real script: exit status 1 and the file named
     r = subprocess.run([sys.executable, f"{ROOT}/ckpt.py", "verify", str(shard.parent)], capture_output=True, text=True)
     assert r.returncode == 1 and str(shard) in r.stdout
+
+
+def test_ranking_direction_is_explicit(tmp_path, capsys):
+    """A "max" metric (a validity rate) ranks the highest first, in retention, `ls` and best_checkpoint alike."""
+    model, opt = make()
+    for step, metric in ((1, 0.2), (2, 0.9), (3, 0.5), (4, 0.1)):
+        ckpt.save(tmp_path, step, model, opt, {"step": step}, metric=metric, higher_is_better=True, keep_last=1,
+                  keep_best=1)
+    assert [s for s, _, _ in ckpt.list_checkpoints(tmp_path / "ckpt")] == [2, 4]  # the best (0.9) and the newest
+    assert ckpt.best_checkpoint(tmp_path, higher_is_better=True).endswith("step-000002")
+    assert ckpt.best_checkpoint(tmp_path, higher_is_better=False).endswith("step-000004")
+    assert ckpt.main(["ls", str(tmp_path)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[0] == "2" and rows[1].split()[-1] == "best"
+    assert ckpt.best_first([(1, "a", 0.5), (2, "b", 0.5), (3, "c", float("nan"))], True) == [(0.5, 1, "a"),
+                                                                                              (0.5, 2, "b")]
+
+
+def test_resolve_and_train_state(tmp_path):
+    (p1, p2) = saved(tmp_path, steps=(1, 2))
+    assert ckpt.resolve(str(tmp_path)) == p2 and ckpt.resolve(str(tmp_path / "ckpt")) == p2
+    assert ckpt.resolve(p1) == p1
+    assert ckpt.train_state(p2)["step"] == 2 and ckpt.train_state(str(tmp_path)) is None
+    shard = f"{p2}/shard-00001-model-00001-of-00001.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(10)
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step-000002"):
+        assert ckpt.resolve(str(tmp_path)) == p1  # the newest that verifies, as resume=auto
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.resolve(str(tmp_path / "nope"))
 
 
 def test_load_into_other_model_is_one_line_error(tmp_path):

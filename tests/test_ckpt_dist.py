@@ -18,6 +18,7 @@ from torch.distributed.fsdp import fully_shard
 
 import ckpt
 
+pytestmark = pytest.mark.slow  # two spawned gloo ranks (~10 s); test_ckpt.py covers ckpt.py in one process
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 KINDS = ("mlp", "phi") if importlib.util.find_spec("model.phi") else ("mlp",)
 

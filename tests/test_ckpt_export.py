@@ -1,4 +1,5 @@
-"""Export a training checkpoint of a Phi to an HF dir; transformers loads it offline with the same logits."""
+"""Export a training checkpoint of a Phi to an HF dir (python -m model.export); transformers loads it offline with
+the same logits."""
 import json
 import os
 
@@ -6,9 +7,8 @@ import pytest
 import torch
 
 import ckpt
-
-phi = pytest.importorskip("model.phi")
-transformers = pytest.importorskip("transformers")
+import transformers
+from model import export, phi
 
 
 def make_tokenizer(path):
@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
 def test_export_loads_in_transformers_with_same_logits(trained):
     tmp, path, idx, logits = trained
     out = tmp / "hf"
-    assert ckpt.main(["export", path, str(out), "--max_shard_size", "30KB"]) == 0
+    assert export.main([path, str(out), "--max_shard_size", "30KB"]) == 0
     files = set(os.listdir(out))
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json"} <= files
     assert len([f for f in files if f.endswith(".safetensors")]) > 1
@@ -64,15 +64,15 @@ def test_export_loads_in_transformers_with_same_logits(trained):
 
 def test_load_for_inference_from_ckpt_and_export(trained):
     tmp, path, idx, logits = trained
-    model, tok_dir = ckpt.load_for_inference(path)
+    model, tok_dir = export.load_for_inference(path)
     assert tok_dir == str(tmp / "tok")
     assert model.cfg.rope_scaling == {"type": "linear", "factor": 2.0}
     with torch.no_grad():
         assert torch.equal(model(idx), logits)
-    ckpt.export(path, tmp / "hf2")
-    model, tok_dir = ckpt.load_for_inference(str(tmp / "hf2"), dtype=torch.float32)
+    export.export(path, tmp / "hf2")
+    model, tok_dir = export.load_for_inference(str(tmp / "hf2"), dtype=torch.float32)
     assert tok_dir == str(tmp / "hf2")
     with torch.no_grad():
         assert torch.equal(model(idx), logits)
     with pytest.raises(ckpt.CheckpointError, match="neither a training checkpoint"):
-        ckpt.load_for_inference(str(tmp / "data"))
+        export.load_for_inference(str(tmp / "data"))

@@ -70,7 +70,8 @@ def test_features_present(docs):
     text = {lang: "\n".join(t for l, t in docs if l == lang) for lang in ("xml", "mdx", "js")}
     for needle in ("<![CDATA[", "<!--", "&amp;", "<?xml ", "xmlns:", "&#"):
         assert needle in text["xml"], needle
-    for needle in ("class ", "async ", "await ", "=> ", "`", "${", "...", "/**", "@param", "import ", "export ", "?.", "#"):
+    for needle in ("class ", "async ", "await ", "=> ", "`", "${", "...", "/**", "@param", "import ", "export ", "?.",
+                   "#"):
         assert needle in text["js"], needle
     for needle in ("---\ntitle:", "import {", "export const", "```", "| --- |", "\n# ", "\n- ", "={", "/>"):
         assert needle in text["mdx"], needle

@@ -1,7 +1,9 @@
 """The sandboxes in checkers/execute.py: correct programs pass, hostile ones fail and change nothing."""
 
 import math
+import os
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -10,7 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from checkers.execute import pass_at_k, run_js, run_python, sandbox_info
+from checkers.execute import SandboxError, check_sandbox, run_js, run_python, sandbox_info
+from evals.execution import pass_at_k
 
 ROOT = Path(__file__).resolve().parent.parent
 unprivileged = pytest.mark.skipif(not sandbox_info()["unprivileged_uid"], reason="needs root to drop privileges")
@@ -59,8 +62,12 @@ def test_python_disk_writes_are_capped():
 def test_python_cannot_write_project_dir():
     target = ROOT / f"pwned-{uuid.uuid4().hex}"
     ok, detail = run_python(f"open({str(target)!r}, 'w').write('x')\n")
-    # a checkout under /tmp is hidden by the sandbox's private /tmp: then the directory is not even there
-    refusal = "FileNotFoundError" if str(ROOT).startswith("/tmp/") else "PermissionError"
+    # a checkout under /tmp is hidden by the sandbox's private /tmp, or read-only where the interpreter is there too
+    if not str(ROOT).startswith("/tmp/"):
+        refusal = "PermissionError"
+    else:
+        readonly = "/tmp" in sandbox_info()["readonly_dirs"]["python"]
+        refusal = "Read-only file system" if readonly else "FileNotFoundError"
     assert not ok and refusal in detail, detail
     assert not target.exists()
 
@@ -69,7 +76,11 @@ def test_python_writes_to_tmp_stay_private():
     if not sandbox_info()["private_tmp"]:
         pytest.skip("no mount namespace on this host")
     target = Path("/tmp") / f"pwned-{uuid.uuid4().hex}"
-    assert run_python(f"open({str(target)!r}, 'w').write('x')\n")[0]
+    ok, detail = run_python(f"open({str(target)!r}, 'w').write('x')\n")
+    if "/tmp" in sandbox_info()["readonly_dirs"]["python"]:  # our interpreter lives there: visible, not writable
+        assert not ok and "Read-only file system" in detail, detail
+    else:
+        assert ok, detail
     assert not target.exists()
 
 
@@ -136,6 +147,77 @@ def test_python_fork_bomb_is_contained():
             break
         time.sleep(0.1)
     assert alive() == []
+
+
+# --- the sandbox itself: its failures are errors, never failed samples ----------------------------
+
+@pytest.fixture
+def sandbox_python(monkeypatch):
+    """use(path): Python samples run with path (SHEIKH_SANDBOX_PYTHON); the cached probes forget it afterwards."""
+    def use(path):
+        monkeypatch.setenv("SHEIKH_SANDBOX_PYTHON", str(path))
+        sandbox_info.cache_clear()
+        check_sandbox.cache_clear()
+    yield use
+    sandbox_info.cache_clear()
+    check_sandbox.cache_clear()
+
+
+def script(path, body, mode=0o755):
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(mode)
+    return path
+
+
+def test_probe_passes_for_both_runners():
+    check_sandbox.cache_clear()
+    assert check_sandbox(run_python) is None
+    assert check_sandbox(run_js) is None
+
+
+@unprivileged
+def test_interpreter_the_sandbox_uid_cannot_run_is_an_error_naming_the_uid_drop(tmp_path, sandbox_python):
+    # works for root, and in the namespaces (it is under /tmp), but the sandbox uid cannot read it
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    python = script(private / "python", f'exec {sys.executable} "$@"')
+    sandbox_python(python)
+    with pytest.raises(SandboxError) as e:
+        check_sandbox(run_python)
+    msg = str(e.value)
+    assert msg.startswith(f"sandbox cannot start: the interpreter {python} cannot run as the unprivileged sandbox uid")
+    assert "Permission denied" in msg and msg.endswith("make it readable by all users or set SHEIKH_SANDBOX_PYTHON")
+    assert "\n" not in msg
+    with pytest.raises(SandboxError, match="unprivileged sandbox uid"):
+        run_python("pass\n")  # a sample is never scored on a sandbox that cannot run it
+
+
+def test_interpreter_that_does_not_run_is_an_error_naming_it(tmp_path, sandbox_python):
+    python = script(tmp_path / "python", "echo 'no stdlib here' >&2; exit 1")
+    sandbox_python(python)
+    with pytest.raises(SandboxError) as e:
+        run_python("pass\n")
+    assert str(e.value) == (f"sandbox cannot start: the interpreter {python} does not run (no stdlib here); "
+                            "set SHEIKH_SANDBOX_PYTHON to a python that runs")
+
+
+def test_interpreter_vanishing_mid_run_is_an_error(sandbox_python):
+    # a world-readable link to the interpreter the sandbox uses: passes the probe, then disappears
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
+        python = Path(d) / "python"
+        python.symlink_to(sandbox_info()["python"])
+        sandbox_python(python)
+        assert run_python(f"import sys\nassert sys.executable == {str(python)!r}\n") == (True, "passed")
+        python.unlink()
+        with pytest.raises(SandboxError, match=f"the interpreter {python} does not run"):
+            run_python("pass\n")
+
+
+@pytest.mark.parametrize("code", [97, 126, 127])
+def test_program_choosing_the_sandbox_tools_exit_codes_is_its_own_failure(code):
+    # the codes of a failed mount or exec; the probe still passes, so the sample failed, not the sandbox
+    assert run_python(f"import sys\nsys.exit({code})\n") == (False, f"exit code {code}")
 
 
 # --- JavaScript ---------------------------------------------------------------------------------

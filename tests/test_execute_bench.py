@@ -5,10 +5,17 @@ import time
 
 import pytest
 
-from checkers.execute import (JS_PROBLEMS, ProblemFileError, humaneval_problems, humaneval_program, js_program,
-                              load_js_problems, pass_at_k, run_js, run_many, run_python)
+from checkers.execute import run_js, run_many, run_python
+from evals import EvalError
+from evals.humaneval import problems as humaneval_problems, program as humaneval_program
+from evals.js_exec import JS_PROBLEMS, load, program as js_program
 
 
+def load_js_problems(path=JS_PROBLEMS):
+    return load(path)
+
+
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_all_pass_and_return_none_all_fail():
     problems = humaneval_problems()
     assert len(problems) == 164
@@ -17,7 +24,6 @@ def test_humaneval_canonical_solutions_all_pass_and_return_none_all_fail():
     bad = run_many([humaneval_program(p, "    return None\n") for p in problems], run_python, workers=4)
     failed = [(p["task_id"], d) for p, (ok, d) in zip(problems, good) if not ok]
     assert failed == []
-    assert sum(pass_at_k(1, int(ok), 1) for ok, _ in good) / 164 == 1.0
     assert sum(ok for ok, _ in bad) == 0
     assert time.time() - t0 < 60
 
@@ -31,6 +37,7 @@ def test_js_problems_file():
         assert "require('node:assert')" in p["tests"] and p["stop_tokens"]
 
 
+@pytest.mark.slow
 def test_js_reference_solutions_pass_and_wrong_ones_fail():
     problems = load_js_problems()
     good = run_many([js_program(p, p["canonical_solution"]) for p in problems], run_js, workers=4)
@@ -55,13 +62,13 @@ def test_load_multipl_e_json_list(tmp_path):
 
 
 def test_load_js_problems_errors(tmp_path):
-    with pytest.raises(ProblemFileError, match="not found"):
+    with pytest.raises(EvalError, match="not found"):
         load_js_problems(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"name": "x", "prompt": "function f() {\\n"}\n')
-    with pytest.raises(ProblemFileError, match="record 0 lacks tests, stop_tokens"):
+    with pytest.raises(EvalError, match="record 0 lacks tests, stop_tokens"):
         load_js_problems(bad)
     bad.write_text("{not json\n")
-    with pytest.raises(ProblemFileError, match="not valid JSON"):
+    with pytest.raises(EvalError, match="not valid JSON"):
         load_js_problems(bad)
-    assert JS_PROBLEMS.name == "js_problems.jsonl"
+    assert JS_PROBLEMS.endswith("data/js_problems.jsonl")

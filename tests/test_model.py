@@ -190,6 +190,7 @@ print(kib("VmHWM") - base)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
 def test_chunked_loss_peak_memory():
     # a fresh process, so the RSS high-water mark of forward+backward is this loss's alone

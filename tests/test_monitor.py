@@ -9,6 +9,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -116,10 +117,15 @@ def test_sinks_jsonl_and_tensorboard_agree(tmp_path, callback_module, capsys):
     assert r["tflops"] == pytest.approx(1e9 * 8192 / 0.28 / 1e12)
     assert r["mfu"] is None  # CPU: no peak, no guess
     assert r["cb/loss_x2"] == pytest.approx(6.2) and r["cb/has_model"] == 1.0
-    assert r["mem/rss_gib"] > 0
+    # this process's RSS in GiB: a unit slip (bytes, MiB) or another process's figure is off by far more than 2x
+    assert r["mem/rss_gib"] == pytest.approx(psutil.Process().memory_info().rss / 2**30, rel=0.5)
     sys_steps = [r["step"] for r in steps if "sys/cpu_pct" in r]
     assert sys_steps == [1, 3, 5]  # every system_interval=2 steps
-    assert 0 < steps[0]["sys/disk_free_gib"] and 0 <= steps[0]["sys/ram_pct"] <= 100
+    s = steps[0]
+    assert s["sys/disk_free_gib"] == pytest.approx(psutil.disk_usage(out).free / 2**30, rel=0.05)
+    # a percent (not a fraction) of this machine's RAM, and the same snapshot as ram_used_gib
+    assert s["sys/ram_pct"] == pytest.approx(100 * s["sys/ram_used_gib"] * 2**30 / psutil.virtual_memory().total,
+                                             abs=0.1)
     assert evals[0]["val_ppl/xml"] == pytest.approx(math.exp(2.8)) and evals[0]["val_acc/js"] is None
 
     ea = EventAccumulator(os.path.join(out, "tb"), size_guidance={"scalars": 0})
@@ -283,11 +289,17 @@ def test_wandb_offline_run_dir_and_resume_keeps_id(tmp_path, monkeypatch):
     first = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}"))
     assert len(first) == 1 and glob.glob(first[0] + "/*.wandb")
 
+    # wandb names offline run dirs by the second: start the resumed session in a later one
+    time.sleep(1 - time.time() % 1)
     mon = Monitor(tmp_path, {"lr": 1e-3}, tensorboard=False, run_id=run_id)  # resume
     assert mon.run_id == run_id and mon.wandb.id == run_id
     mon.log_step(2, {"loss": 1.5, "tokens": 100, "dt": 0.1})
     mon.finish({"stop_reason": "test"})
-    assert len(glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}"))) >= 1
+    # one directory per session, both of the same run: the first kept, the resumed one wrote its own records
+    runs = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}"))
+    assert len(runs) == 2 and first[0] in runs
+    (second,) = set(runs) - set(first)
+    assert glob.glob(f"{second}/run-{run_id}.wandb")
     assert json.load(open(tmp_path / "summary.json"))["run_id"] == run_id
 
 

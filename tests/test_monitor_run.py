@@ -3,11 +3,13 @@ import glob
 import json
 import os
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import QUICK, read_jsonl, run_train
+from helpers import QUICK, read_jsonl, run_train
 from train import load_config
 
+pytestmark = pytest.mark.slow  # train.py subprocesses and the ~8 min tiny_run
 TINY = load_config(["config/tiny.py"])  # the schedule tiny_run trained with
 
 

@@ -13,10 +13,12 @@ import time
 import pytest
 import torch
 
-from conftest import QUICK, ROOT, free_port, read_jsonl, run_train, train_losses
+from helpers import QUICK, ROOT, free_port, read_jsonl, run_train, train_losses
 
 import ckpt
+from model.export import load_for_inference
 
+pytestmark = pytest.mark.slow  # every test runs train.py, most under torchrun
 STEPS = 12
 # every step logged, evals and checkpoints every 4 steps: checkpoints at 4, 8, 12
 SCHEDULE = [f"--max_iters={STEPS}", "--eval_interval=4", "--ckpt_interval=4"]
@@ -31,9 +33,11 @@ def args(out, tiny_data, *extra):
 def torchrun(log, out, tiny_data, *extra, restarts=0):
     """Start a 2-rank run in the background, output to the file `log`; returns (launcher, worker pids)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--max-restarts={restarts}", "train.py", *args(out, tiny_data, *TWO, *extra)]
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--max-restarts={restarts}", "train.py",
+           *args(out, tiny_data, *TWO, *extra)]
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     pids = []
 
     def started():
@@ -44,7 +48,8 @@ def torchrun(log, out, tiny_data, *extra, restarts=0):
 
 
 def workers(proc):
-    return [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in children.split()]
 
 
 def wait_for(cond, what, proc, log, timeout=180):
@@ -63,7 +68,7 @@ def steps_logged(out):
 
 
 def final_weights(out):
-    model, _ = ckpt.load_for_inference(os.path.join(out, "ckpt", f"step-{STEPS:06d}"))
+    model, _ = load_for_inference(os.path.join(out, "ckpt", f"step-{STEPS:06d}"))
     return model.state_dict()
 
 

@@ -62,7 +62,8 @@ def test_js_v8_catches_early_errors():
 @needs_node
 def test_js_with_jsx():
     # V8 has no JSX; the worker compiles it away first, so JSX passes and early errors still fail
-    assert check_js("import R from 'react';\nexport const B = ({x}) => <R.Fragment><a href={x}/></R.Fragment>;\n") == (True, None)
+    jsx = "import R from 'react';\nexport const B = ({x}) => <R.Fragment><a href={x}/></R.Fragment>;\n"
+    assert check_js(jsx) == (True, None)
     ok, err = check_js("const A = () => <div>{1}</div>;\nlet a = 1;\nlet a = 2;\n")
     assert not ok and err.startswith("line 3:") and "already been declared" in err
     assert check_js("const A = () => <div>;\n")[0] is False
@@ -80,7 +81,8 @@ def test_synthetic_corpus_is_valid():
 @needs_node
 def test_mdx_real_compiler():
     assert mdx_exact(), "MDX compiler missing: run `npm ci --prefix checkers`"
-    good = "import {Chart} from './chart.js'\n\n# Title {1 + 1}\n\n<Chart data={[1, 2]} />\n\n```js\nif (a < b) {\n```\n"
+    good = ("import {Chart} from './chart.js'\n\n# Title {1 + 1}\n\n<Chart data={[1, 2]} />\n\n"
+            "```js\nif (a < b) {\n```\n")
     res = check_mdx([good, "# T\n\n<Note>\nunclosed\n", "a {b\n", "x <3 y", "<!-- c -->"])
     assert res[0] == (True, None)
     assert [ok for ok, _ in res[1:]] == [False] * 4
