@@ -165,17 +165,23 @@ class Progress:
     guard: Guard = field(default_factory=Guard)
 
 
+def restore_progress(state):
+    """Progress from a checkpoint's train state. Checkpoints from before the guard had its own entry keep its
+    statistics in early_stop, so they resume too."""
+    keys = {f.name for f in dataclasses.fields(EarlyStop)}
+    early = state["early_stop"]
+    guard = state.get("guard") or {k: v for k, v in early.items() if k not in keys}
+    return Progress(state["step"], state["tokens"], EarlyStop(**{k: early[k] for k in keys if k in early}),
+                    Guard(**guard))
+
+
 def eval_decision(es, cfg, metrics, step):
     """Patience on the chosen metric: cut the LR on a plateau, stop after max_lr_reductions cuts."""
     if cfg.early_stop_metric not in metrics:
         raise ValueError(f"early_stop_metric '{cfg.early_stop_metric}' is not an eval metric; "
                          f"choose one of {', '.join(sorted(metrics))}")
     value = metrics[cfg.early_stop_metric]
-    if es.best is None:
-        improvement = math.inf
-    else:
-        improvement = value - es.best if cfg.early_stop_mode == "max" else es.best - value
-    if improvement > cfg.min_delta:
+    if es.best is None or (value - es.best if cfg.early_stop_mode == "max" else es.best - value) > cfg.min_delta:
         es.best, es.best_step, es.bad_evals = value, step, 0
         return None, None
     es.bad_evals += 1
@@ -394,8 +400,7 @@ def main(args):
     path = ckpt.find_resume(cfg.out_dir, cfg.resume)
     if path:
         state = ckpt.load(path, model, optimizer)
-        p = Progress(state["step"], state["tokens"], EarlyStop(**state["early_stop"]), Guard(**state["guard"]))
-        run_id = state.get("run_id")
+        p, run_id = restore_progress(state), state.get("run_id")
         loader.load_state_dict(state["loader"])
         if cfg.dtype == "float16" and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

@@ -1,4 +1,5 @@
 """train.py as users run it: configs and their errors, loss equivalence across parallelism, early stopping, signals."""
+import dataclasses
 import json
 import math
 import os
@@ -66,6 +67,18 @@ def test_guard_skips_spikes_and_nan():
     assert "std above its running mean" in train.guard_verdict(guard, cfg, 9.0, 1.0)
     assert "grad norm" in train.guard_verdict(guard, cfg, 3.0, 50.0)
     assert guard.good_steps == 10  # skipped steps do not move the statistics
+
+
+def test_checkpoints_from_before_the_guard_split_resume():
+    """Older checkpoints kept the guard's statistics inside early_stop; they resume with the same numbers."""
+    old = dict(step=7, tokens=70, early_stop=dict(best=2.5, best_step=4, bad_evals=1, lr_reductions=0, lr_scale=0.5,
+                                                  loss_mean=2.6, loss_var=0.01, gnorm_mean=0.9, good_steps=7, skips=0,
+                                                  rollbacks=1))
+    p = train.restore_progress(old)
+    assert (p.step, p.tokens, p.early_stop.best, p.early_stop.lr_scale) == (7, 70, 2.5, 0.5)
+    assert (p.guard.loss_mean, p.guard.good_steps, p.guard.rollbacks) == (2.6, 7, 1)
+    new = dict(step=7, tokens=70, early_stop=dataclasses.asdict(p.early_stop), guard=dataclasses.asdict(p.guard))
+    assert train.restore_progress(new) == p
 
 
 def test_early_stop_direction_is_explicit():
@@ -197,8 +210,6 @@ def test_sigterm_two_ranks_saves_and_exits_zero(tmp_path, tiny_data):
 
 @pytest.mark.slow
 def test_init_from_hf_dir_with_expansion_keeps_function(tmp_path, tiny_data):
-    import dataclasses
-
     import torch
     from model.phi import Phi, PhiConfig
     torch.manual_seed(0)
@@ -233,8 +244,6 @@ def test_config_json_records_the_batch_auto_batch_size_chose(tmp_path, tiny_data
 
 @pytest.mark.slow
 def test_tokenizer_larger_than_model_is_refused(tmp_path, tiny_data):
-    import dataclasses
-
     from model.phi import Phi, PhiConfig
     small = Phi(dataclasses.replace(PhiConfig.preset("tiny"), vocab_size=256))  # the data's tokenizer has 512
     small.init_weights()
