@@ -132,6 +132,22 @@ def test_killed_worker_trial_is_retried_and_resumes(tiny_data, tmp_path):
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
 
 
+@pytest.mark.slow
+def test_journal_storage_and_a_torchrun_trial(tiny_data, tmp_path):
+    """A journal file as the storage, and a trial on 2 ranks under torchrun."""
+    (tmp_path / "space.py").write_text(SPACE)
+    journal = tmp_path / "study.log"
+    r = run_sweep(*SHORT, f"--data_dir={tiny_data}", f"--space={tmp_path / 'space.py'}", "--n_trials=1",
+                  f"--storage=journal:{journal}", "--study=j", f"--sweep_dir={tmp_path / 'sweep'}",
+                  "--nproc_per_node=2", "--batch_size=2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    (trial,) = optuna.load_study(study_name="j", storage=storage).get_trials()
+    assert trial.state == TrialState.COMPLETE
+    state = ckpt.train_state(ckpt.find_resume(trial.user_attrs["out_dir"], "auto"))
+    assert state["world_size"] == 2 and state["step"] == 30
+
+
 @pytest.mark.parametrize("space, message", [
     ("learning_rat = loguniform(1e-4, 1e-2)\n",
      "unknown config key 'learning_rat' in flag --learning_rat=0.0001; did you mean 'learning_rate'?"),
