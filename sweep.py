@@ -311,12 +311,11 @@ def write_results(study, sweep, base_args):
         matplotlib.pyplot.close(ax.figure)
 
 
-def prepare_data_once(cfg):
-    """The synthetic corpus is prepared before any trial, under a lock: trials must not race to write it."""
+def prepare_data_once(cfg, sweep_dir):
+    """The synthetic corpus is prepared before any trial, under the sweep's lock: trials must not race to write it."""
     if not cfg.synthetic_docs or os.path.exists(os.path.join(cfg.data_dir, "meta.json")):
         return
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.data_dir)), exist_ok=True)
-    with open(os.path.abspath(cfg.data_dir) + ".lock", "w") as lock:
+    with open(os.path.join(sweep_dir, ".prepare.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(os.path.join(cfg.data_dir, "meta.json")):
             from data.prepare import prepare
@@ -347,7 +346,7 @@ def main(argv=None):
         os.makedirs(sweep.sweep_dir, exist_ok=True)
         direction = "minimize" if cfg.early_stop_mode == "min" else "maximize"
         study, heartbeat = open_study(args.storage, name, direction, sweep.sweep_dir, args.heartbeat, args.seed)
-        prepare_data_once(cfg)
+        prepare_data_once(cfg, sweep.sweep_dir)
     except (SweepError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -384,7 +383,9 @@ def main(argv=None):
         else:
             break
     write_results(study, sweep, base_args)
-    print(f"results: {sweep.sweep_dir}/trials.md, best.py, history.png, importances.png", flush=True)
+    written = [n for n in ("trials.md", "best.py", "history.png", "importances.png")
+               if os.path.exists(os.path.join(sweep.sweep_dir, n))]
+    print(f"results in {sweep.sweep_dir}: {', '.join(written)}", flush=True)
     return 0
 
 
