@@ -32,6 +32,7 @@ import warnings
 
 import optuna
 import psutil
+import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
@@ -218,31 +219,37 @@ def run_trial(trial, sweep):
 
 def open_study(url, name, direction, sweep_dir, heartbeat, seed):
     """(study, whether its storage has heartbeats): created or joined; SQLite in the sweep dir unless --storage
-    says otherwise."""
+    says otherwise. Workers starting together race to create the tables and the study (Optuna #1092): on SQLite
+    a file lock beside the database lets one create them while the others wait; elsewhere the losers retry."""
     url = url or f"sqlite:///{os.path.abspath(sweep_dir)}/study.db"
+    lock = None
     try:
-        if url.startswith("journal:"):
-            storage = JournalStorage(JournalFileBackend(url[len("journal:"):]))
-        else:
-            storage = RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-                                 engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
-        for attempt in range(10):  # workers starting together race to create it (Optuna #1092): join the winner
+        if url.startswith("sqlite:///"):
+            lock = open(url[len("sqlite:///"):] + ".lock", "w")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for attempt in range(10):
             try:
+                if url.startswith("journal:"):
+                    storage = JournalStorage(JournalFileBackend(url[len("journal:"):]))
+                else:
+                    sqlite = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+                    storage = RDBStorage(url, engine_kwargs=sqlite, heartbeat_interval=heartbeat,
+                                         grace_period=2 * heartbeat,
+                                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
                 study = optuna.create_study(storage=storage, study_name=name, direction=direction,
                                             sampler=optuna.samplers.TPESampler(seed=seed),
                                             pruner=optuna.pruners.MedianPruner(n_startup_trials=1), load_if_exists=True)
                 break
-            except optuna.exceptions.DuplicatedStudyError:
+            except (optuna.exceptions.DuplicatedStudyError, sqlalchemy.exc.IntegrityError):
+                if attempt == 9:
+                    raise
                 time.sleep(0.2 * (attempt + 1))
-    except (ImportError, OSError, optuna.exceptions.StorageInternalError) as e:
+    except (ImportError, OSError, optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError) as e:
         raise SweepError(f"cannot open storage {url}: {str(e).splitlines()[0]}; check the URL, that the server is up "
                          f"and its driver is installed (PostgreSQL: pip install psycopg2-binary)") from None
-    except Exception as e:  # SQLAlchemy's OperationalError and kin: an unreachable database
-        if type(e).__module__.startswith("sqlalchemy"):
-            raise SweepError(f"cannot open storage {url}: {str(e).splitlines()[0]}; check the URL and that the "
-                             f"database server is up") from None
-        raise
+    finally:
+        if lock is not None:
+            lock.close()
     if study.direction.name.lower() != direction:
         raise SweepError(f"study '{name}' in {url} was created to {study.direction.name.lower()}, this sweep would "
                          f"{direction}; pass another --study or change early_stop_mode")
@@ -379,7 +386,7 @@ def main(argv=None):
             study.optimize(lambda trial: run_trial(trial, sweep), n_trials=1, catch=(TrialCrashed, Surplus),
                            callbacks=[progress])
         elif heartbeat:  # the last trials run on other workers: wait, in case one of them dies and is queued again
-            time.sleep(args.heartbeat)
+            time.sleep(min(args.heartbeat, 5))
         else:
             break
     write_results(study, sweep, base_args)
