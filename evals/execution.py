@@ -33,7 +33,7 @@ def pass_rates(rows):
 
 def score(run, task, problems, runner, timeout):
     """problems: [(task_id, prompt, stop, program(completion) -> str)]; runs every sample in a sandbox."""
-    execute.check_sandbox(runner)
+    execute.check_sandbox(runner)  # runner does too, but only after generation: fail before spending it
     by_stop = {}
     for tid, prompt, stop, _ in problems:  # one generate() call per distinct stop list
         by_stop.setdefault(tuple(stop), []).append((tid, prompt))

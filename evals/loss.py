@@ -77,9 +77,11 @@ def evaluate(run):
     for lang in tqdm(meta["langs"], desc="ppl", leave=False):
         n_val = meta["files"][f"val_{lang}"]["tokens"]
         block = trained.get("block_size") or min(model.cfg.max_position_embeddings, 1024, n_val - 1)
-        # every rank's share, in rank order, so the sums add up as train.py's all-reduce does
-        val[lang] = [b for r in range(world) for b in val_sets(s.data_dir, [lang], batch, block, iters, r, world,
-                                                               device).get(lang, [])] if block > 0 else []
+        if block < 1:
+            continue
+        # all ranks' batches, read once, in rank order, so the sums add up as train.py's all-reduce does
+        batches = val_sets(s.data_dir, [lang], batch, block, -(-iters // world) * world, device=device).get(lang, [])
+        val[lang] = [b for r in range(world) for b in batches[r::world]]
     val = {lang: b for lang, b in val.items() if b}
     return (lang_metrics(model, val) if val else {"skipped": f"no val data in {s.data_dir}"}), []
 
