@@ -4,7 +4,8 @@
   python bench.py --what train,ckpt --json out/bench.json  # some measurements, JSON as well as the table
   python bench.py --config config/tiny.py --batch_size=16  # train.py config files and --key=value flags
   python bench.py --smoke --json /tmp/bench.json           # everything, small shapes, under a minute on a CPU
-  python bench.py --gpu-table                              # CUDA: phi-2 sized, T=2048, bf16, compile x AC rows
+  python bench.py --gpu-table                              # CUDA: phi-2 sized, T=2048, bf16, compile x AC rows;
+                                                           # each peak_memory row also holds plan.py's simulation
 
 Each measurement is a JSON object: name, ours, baseline, unit, ratio (ours / baseline), better
 ("higher"/"lower") and details. The baselines:
@@ -44,6 +45,7 @@ import torch
 import transformers
 
 import ckpt
+import plan
 from model.phi import PhiConfig
 from monitor import Monitor, flops_per_token, peak_flops
 from model.parallel import apply_ac, apply_compile, build_model
@@ -438,11 +440,21 @@ def main(argv):
         if a.gpu_table:
             if not torch.cuda.is_available():
                 raise ValueError("--gpu-table needs a CUDA device")
-            for compile_ in (False, True):
-                for ac in ("none", "selective", "full"):
-                    row_args = files + GPU_TABLE + flags + [f"--compile={compile_}", f"--activation_checkpointing={ac}"]
-                    rows += bench_train(row_args, steps, 2, label=f"phi2/compile={compile_},ac={ac}")[0]
-                    print_table(rows[-3:])
+            acs = ("none", "selective", "full")
+            with fresh_processes(3) as ex:  # plan.py's simulations on the host, while the GPU measures
+                sims = {ac: ex.submit(plan.plan, files + GPU_TABLE + flags + [f"--activation_checkpointing={ac}"],
+                                      1, None, 1e6) for ac in acs}
+                for compile_ in (False, True):
+                    for ac in acs:
+                        row_args = files + GPU_TABLE + flags + [f"--compile={compile_}",
+                                                                f"--activation_checkpointing={ac}"]
+                        rows += bench_train(row_args, steps, 2, label=f"phi2/compile={compile_},ac={ac}")[0]
+                        measured = rows[-1]["ours"]
+                        if measured is not None:  # the measured peak against plan.py's (compile: eager)
+                            sim = sims[ac].result()["peak_gib"] * 1024
+                            rows[-1]["details"].update(simulated_mib=sim, simulated_over_measured=sim / measured)
+                            print(f"plan.py: simulated {sim:,.0f} MiB, measured {measured:,.0f} MiB")
+                        print_table(rows[-3:])
         for name in ("train", "ckpt", "prepare", "loader", "monitor"):
             if name not in what and not (name == "prepare" and "loader" in what):
                 continue

@@ -70,37 +70,44 @@ def flops_per_token(cfg, seq_len):
     return float(6 * non_embedding_params(cfg) + 12 * L * H * (cfg.hidden_size // H) * seq_len)
 
 
-# Dense (no sparsity) bf16/fp16 tensor-core peak per device, from the vendors' datasheets.
-# Each entry: the words that must all appear in the lower-cased device name. First match wins.
-PEAK_FLOPS = [
-    (("h100", "nvl"), 835e12),
-    (("h100", "pcie"), 756e12),
-    (("h100",), 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
-    (("h200", "nvl"), 835e12),
-    (("h200",), 989e12),
-    (("gh200",), 989e12),
-    (("b200",), 2250e12),
-    (("a100",), 312e12),
-    (("a10g",), 125e12),  # NVIDIA publishes no A10G sheet; taken equal to the A10
-    (("a10",), 125e12),
-    (("l40s",), 362e12),
-    (("l40",), 181e12),
-    (("l4",), 121e12),
-    (("4090",), 165.2e12),  # GeForce: bf16 with fp32 accumulate, which is what PyTorch uses
-    (("v100",), 125e12),  # fp16 only
-    (("t4",), 65e12),  # fp16 only
-    (("mi300x",), 1307.4e12),
-    (("mi325x",), 1307.4e12),
+# Per device: dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s and memory in GiB, from the vendors'
+# datasheets (memory as the driver reports it: an "80GB" H100 shows 81,559 MiB). Each entry's words must all
+# appear in the lower-cased device name; the first match wins. plan.py takes --gpu names from here too.
+DEVICES = [
+    (("h100", "nvl"), 835e12, 93.6),
+    (("h100", "pcie"), 756e12, 79.6),
+    (("h100",), 989e12, 79.6),  # SXM: "NVIDIA H100 80GB HBM3"
+    (("h200", "nvl"), 835e12, 140.4),
+    (("h200",), 989e12, 140.4),
+    (("gh200",), 989e12, 95.6),  # the 96 GB HBM3 version
+    (("b200",), 2250e12, 178.4),
+    (("a100", "40gb"), 312e12, 39.4),
+    (("a100",), 312e12, 79.3),
+    (("a10g",), 125e12, 22.5),  # NVIDIA publishes no A10G sheet; taken equal to the A10
+    (("a10",), 125e12, 22.5),
+    (("l40s",), 362e12, 45.0),
+    (("l40",), 181e12, 45.0),
+    (("l4",), 121e12, 22.5),
+    (("4090",), 165.2e12, 24.0),  # GeForce: bf16 with fp32 accumulate, which is what PyTorch uses
+    (("v100",), 125e12, 31.7),  # fp16 only; the 32 GB version
+    (("t4",), 65e12, 15.0),  # fp16 only
+    (("mi300x",), 1307.4e12, 192.0),
+    (("mi325x",), 1307.4e12, 256.0),
 ]
 
 
-def peak_flops(device_name):
-    """Peak FLOP/s of one device from its name (torch.cuda.get_device_name), or None when unknown (CPU too)."""
+def device_spec(device_name):
+    """(peak FLOP/s, memory GiB) of a device from its name (torch.cuda.get_device_name, or plan.py's --gpu),
+    or (None, None) when unknown (CPU too)."""
     words = set("".join(c if c.isalnum() else " " for c in device_name.lower()).split())
-    for need, flops in PEAK_FLOPS:
+    for need, flops, gib in DEVICES:
         if words.issuperset(need):
-            return flops
-    return None
+            return flops, gib
+    return None, None
+
+
+def peak_flops(device_name):
+    return device_spec(device_name)[0]
 
 
 # -----------------------------------------------------------------------------

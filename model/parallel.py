@@ -4,7 +4,8 @@ expansion and RoPE scaling; then one function per parallelism technique, applied
 
     model, model_cfg, sharded = build_model(cfg, vocab_size, rank, world_size, device, param_dtype)
 
-train.py's Config decides every setting used here; plan.py builds through the same functions.
+train.py's Config decides every setting used here. plan.py builds through shape() and parallel_model() too,
+so a change here changes the plan.
 """
 import json
 import os
@@ -45,6 +46,43 @@ def apply_fsdp(model, cfg, param_dtype, world_size, device_type):
     fully_shard(model, **kw)
 
 
+def shape(cfg, mcfg, state, vocab_size):
+    """LLaMA-Pro expansion and RoPE scaling of a model config and its weights, with the checks a run needs.
+    state may be empty (ranks that receive weights by broadcast; plan.py). -> (mcfg, state, new block indices)"""
+    new_layers = []
+    if cfg.expand_layers:
+        mcfg, state, new_layers = expand_state_dict(mcfg, state, cfg.expand_layers)
+    if cfg.rope_scaling_factor != 1:
+        mcfg.rope_scaling = {"type": "linear", "factor": cfg.rope_scaling_factor}
+        mcfg.max_position_embeddings = int(mcfg.max_position_embeddings * cfg.rope_scaling_factor)
+    if vocab_size > mcfg.vocab_size:
+        raise ValueError(f"tokenizer vocabulary ({vocab_size}) is larger than the model's ({mcfg.vocab_size}); "
+                         f"prepare the data with the model's tokenizer")
+    if cfg.block_size > mcfg.max_position_embeddings:
+        raise ValueError(f"block_size {cfg.block_size} exceeds the model's {mcfg.max_position_embeddings} positions; "
+                         f"lower block_size or raise rope_scaling_factor")
+    return mcfg, state, new_layers
+
+
+def parallel_model(cfg, mcfg, new_layers, param_dtype, world_size, device_type):
+    """A Phi on meta, frozen as configured, with AC, compile and FSDP applied. -> (model, sharded)"""
+    with torch.device("meta"):
+        model = Phi(mcfg)
+    if cfg.train_only_new_layers:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i in new_layers:
+            model.model.layers[i].requires_grad_(True)
+    if cfg.activation_checkpointing != "none":
+        apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
+    if cfg.compile:
+        apply_compile(model)
+    sharded = world_size > 1 or cfg.cpu_offload
+    if sharded:
+        apply_fsdp(model, cfg, param_dtype, world_size, device_type)
+    return model, sharded
+
+
 def build_model(cfg, vocab_size, rank, world_size, device, param_dtype):
     """Rank 0 holds the full weights once, on the host; every rank builds on meta and receives only its shards."""
     if cfg.init_from == "scratch":
@@ -61,32 +99,8 @@ def build_model(cfg, vocab_size, rank, world_size, device, param_dtype):
     else:
         with open(os.path.join(cfg.init_from, "config.json")) as f:
             mcfg, state = PhiConfig.from_dict(json.load(f)), {}
-    new_layers = []
-    if cfg.expand_layers:
-        mcfg, state, new_layers = expand_state_dict(mcfg, state, cfg.expand_layers)
-    if cfg.rope_scaling_factor != 1:
-        mcfg.rope_scaling = {"type": "linear", "factor": cfg.rope_scaling_factor}
-        mcfg.max_position_embeddings = int(mcfg.max_position_embeddings * cfg.rope_scaling_factor)
-    if vocab_size > mcfg.vocab_size:
-        raise ValueError(f"tokenizer vocabulary ({vocab_size}) is larger than the model's ({mcfg.vocab_size}); "
-                         f"prepare the data with the model's tokenizer")
-    if cfg.block_size > mcfg.max_position_embeddings:
-        raise ValueError(f"block_size {cfg.block_size} exceeds the model's {mcfg.max_position_embeddings} positions; "
-                         f"lower block_size or raise rope_scaling_factor")
-    with torch.device("meta"):
-        model = Phi(mcfg)
-    if cfg.train_only_new_layers:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for i in new_layers:
-            model.model.layers[i].requires_grad_(True)
-    if cfg.activation_checkpointing != "none":
-        apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
-    if cfg.compile:
-        apply_compile(model)
-    sharded = world_size > 1 or cfg.cpu_offload
-    if sharded:
-        apply_fsdp(model, cfg, param_dtype, world_size, device.type)
+    mcfg, state, new_layers = shape(cfg, mcfg, state, vocab_size)
+    model, sharded = parallel_model(cfg, mcfg, new_layers, param_dtype, world_size, device.type)
     model.to_empty(device="cpu" if cfg.cpu_offload else device)
     if sharded:
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
