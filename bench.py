@@ -49,9 +49,8 @@ import plan
 from model.phi import PhiConfig
 from monitor import Monitor, flops_per_token, peak_flops
 from model.parallel import apply_ac, apply_compile, build_model
-from train import Guard, adamw, load_config, train_step
+from train import DTYPES, Guard, adamw, load_config, train_step
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCALER = torch.amp.GradScaler(enabled=False)  # no loss scaling on either side, fp16 included
 GPU_TABLE = ["--model_preset=phi-2", "--block_size=2048", "--dtype=bfloat16", "--batch_size=1", "--grad_accum=1"]
 

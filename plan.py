@@ -48,15 +48,14 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.parallel import parallel_model, shape
-from model.phi import PhiConfig
+from model.parallel import parallel_model, scratch_config, shape
+from model.phi import Phi, PhiConfig
 from monitor import DEVICES, device_spec, flops_per_token, non_embedding_params
-from train import Guard, adamw, load_config, train_step
+from train import DTYPES, Guard, adamw, load_config, train_step
 
 HEADROOM = 0.10  # of the GPU's memory, for fragmentation, NCCL's buffers and the CUDA context
 MFU = 40.0  # % of peak FLOP/s for est_tokens_per_s: what tuned FSDP runs of models this size reach on H100s
 GIB = 2**30
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # the tracker's categories -> the plan's
 CATEGORIES = {"parameters": ("Sharded Param", "Unsharded Param", "Parameter", "Buffer"),
               "gradients": ("Sharded Grad", "Unsharded Grad", "Gradient"),
@@ -77,23 +76,22 @@ class FakeScalars(TorchDispatchMode):
 
 
 def model_config(cfg):
-    """The model's shape, before expansion and RoPE scaling: init_from's config.json where it is on this
-    machine, else the model_preset. -> (PhiConfig, where it came from)"""
+    """The model's shape, before expansion and RoPE scaling, as build_model makes it: the model_preset grown to the
+    tokenizer's vocabulary (data_dir's meta.json, where prepared) for init_from="scratch"; else init_from's
+    config.json where it is on this machine, else the model_preset. -> (PhiConfig, the vocabulary, its source)"""
+    meta = os.path.join(cfg.data_dir, "meta.json")
+    vocab = 0
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            vocab = json.load(f)["vocab_size"]
     path = os.path.join(cfg.init_from, "config.json")
-    if cfg.init_from != "scratch" and os.path.isfile(path):
-        with open(path) as f:
-            return PhiConfig.from_dict(json.load(f)), path
-    where = "" if cfg.init_from == "scratch" else f", as init_from {cfg.init_from} is not on this machine"
-    return PhiConfig.preset(cfg.model_preset), f"preset {cfg.model_preset!r}{where}"
-
-
-def vocab_size(cfg, mcfg):
-    """The tokenizer's vocabulary from data_dir's meta.json when present; train.py grows the model to it."""
-    path = os.path.join(cfg.data_dir, "meta.json")
+    if cfg.init_from == "scratch":
+        return scratch_config(cfg, vocab), vocab, f"preset {cfg.model_preset!r}"
     if os.path.isfile(path):
         with open(path) as f:
-            return json.load(f)["vocab_size"]
-    return mcfg.vocab_size
+            return PhiConfig.from_dict(json.load(f)), vocab, path
+    where = f", as init_from {cfg.init_from} is not on this machine"
+    return PhiConfig.preset(cfg.model_preset), vocab, f"preset {cfg.model_preset!r}{where}"
 
 
 def categories(snapshot):
@@ -188,9 +186,7 @@ def plan(args, world_size, gpu, gpu_mem_gib):
         gpu_mem_gib = gpu_mem_gib or gpu_mem_gib_named
     if not gpu_mem_gib or gpu_mem_gib <= 0:
         raise ValueError("name the GPU: --gpu=h100 (see monitor.py DEVICES) or --gpu_mem_gib=N")
-    mcfg, source = model_config(cfg)
-    vocab = vocab_size(cfg, mcfg)
-    mcfg.vocab_size = max(mcfg.vocab_size, -(-vocab // 64) * 64) if cfg.init_from == "scratch" else mcfg.vocab_size
+    mcfg, vocab, source = model_config(cfg)
     mcfg, _, new_layers = shape(cfg, mcfg, {}, vocab)
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
@@ -205,8 +201,8 @@ def plan(args, world_size, gpu, gpu_mem_gib):
     finally:
         dist.destroy_process_group()
     fpt = flops_per_token(mcfg, cfg.block_size)
-    n_params = sum(p.numel() for p in parallel_model(dataclasses.replace(cfg, fsdp="none", compile=False,
-                   activation_checkpointing="none"), mcfg, [], torch.float32, 1, "cpu")[0].parameters())
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Phi(mcfg).parameters())
     return dict(
         config=args, world_size=world_size, gpu=gpu, model=source, params=n_params,
         non_embedding_params=non_embedding_params(mcfg), layers=mcfg.num_hidden_layers,

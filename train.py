@@ -110,6 +110,7 @@ CHOICES = dict(lr_schedule=("cosine", "wsd"), dtype=("bfloat16", "float16", "flo
                activation_checkpointing=("none", "full", "selective"),
                fsdp=("full_shard", "shard_grad_op", "hybrid", "none"), early_stop_mode=("min", "max"),
                wandb_mode=("online", "offline", "disabled"))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the dtype key's values
 POSITIVE = ("batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "ckpt_interval", "log_interval",
             "ac_every", "learning_rate", "tokenizer_vocab", "eval_domain_tokens")
 
@@ -372,7 +373,7 @@ def main(args):
     cfg = load_config(args)
     rank, world_size, device = setup(cfg)
     master = rank == 0
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    ptdtype = DTYPES[cfg.dtype]
     meta = prepare_data(cfg, master)
     tokenizer = AutoTokenizer.from_pretrained(meta["tokenizer"]) if cfg.eval_domain_prompts else None
 

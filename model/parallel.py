@@ -4,8 +4,8 @@ expansion and RoPE scaling; then one function per parallelism technique, applied
 
     model, model_cfg, sharded = build_model(cfg, vocab_size, rank, world_size, device, param_dtype)
 
-train.py's Config decides every setting used here. plan.py builds through shape() and parallel_model() too,
-so a change here changes the plan.
+train.py's Config decides every setting used here. plan.py builds through scratch_config(), shape() and
+parallel_model() too, so a change here changes the plan.
 """
 import json
 import os
@@ -44,6 +44,13 @@ def apply_fsdp(model, cfg, param_dtype, world_size, device_type):
     for block in model.model.layers:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
+
+
+def scratch_config(cfg, vocab_size):
+    """The model_preset, its vocabulary grown to the tokenizer's (rounded up to a multiple of 64)."""
+    mcfg = PhiConfig.preset(cfg.model_preset)
+    mcfg.vocab_size = max(mcfg.vocab_size, -(-vocab_size // 64) * 64)
+    return mcfg
 
 
 def shape(cfg, mcfg, state, vocab_size):
@@ -86,8 +93,7 @@ def parallel_model(cfg, mcfg, new_layers, param_dtype, world_size, device_type):
 def build_model(cfg, vocab_size, rank, world_size, device, param_dtype):
     """Rank 0 holds the full weights once, on the host; every rank builds on meta and receives only its shards."""
     if cfg.init_from == "scratch":
-        mcfg = PhiConfig.preset(cfg.model_preset)
-        mcfg.vocab_size = max(mcfg.vocab_size, -(-vocab_size // 64) * 64)
+        mcfg = scratch_config(cfg, vocab_size)
         state = {}  # only rank 0 holds weights
         if rank == 0:
             torch.manual_seed(cfg.seed)

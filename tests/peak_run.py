@@ -19,23 +19,18 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import reset_peak, rss_bytes  # noqa: E402
 from model.parallel import build_model  # noqa: E402
-from train import Guard, adamw, load_config, setup, train_step  # noqa: E402
-
-
-def rss(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+from train import DTYPES, Guard, adamw, load_config, setup, train_step  # noqa: E402
 
 
 def main(args):
     cfg = load_config(args)
     rank, world_size, device = setup(cfg)
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    before = rss("VmRSS")
+    ptdtype = DTYPES[cfg.dtype]
+    before = rss_bytes()
     model, mcfg, sharded = build_model(cfg, 0, rank, world_size, device, ptdtype)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
+    reset_peak(device)  # VmHWM := VmRSS
     amp = not sharded and ptdtype != torch.float32
     ctx = torch.autocast("cpu", dtype=ptdtype) if amp else torch.autocast("cpu", enabled=False)
     optimizer, guard = adamw(model, cfg), Guard()
@@ -45,7 +40,7 @@ def main(args):
         x = torch.randint(0, mcfg.vocab_size, (cfg.grad_accum, cfg.batch_size, cfg.block_size + 1))
         batches = [(b[:, :-1], b[:, 1:]) for b in x]
         train_step(model, optimizer, scaler, batches, ctx, cfg, guard, sharded, signalled=False, nan=False)
-    peak = rss("VmHWM") - before
+    peak = rss_bytes("VmHWM") - before
     peaks = [None] * world_size
     if dist.is_initialized():
         dist.all_gather_object(peaks, peak)

@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 from helpers import ROOT, free_port
-from safetensors.torch import save_file
 
 import plan
 from model.phi import Phi, PhiConfig
@@ -23,14 +22,13 @@ def model_dir(path, width, layers, vocab, heads, weights=False):
     """A local HF directory of a Phi shape: config.json for plan.py, plus random weights for a real run."""
     cfg = PhiConfig(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
                     num_attention_heads=heads, max_position_embeddings=4096)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg.to_hf_dict(), f)
     if weights:
         torch.manual_seed(0)
-        with torch.device("meta"):
-            shapes = Phi(cfg).state_dict()
-        save_file({k: torch.randn(v.shape) * 0.02 for k, v in shapes.items()}, os.path.join(path, "model.safetensors"))
+        Phi(cfg).save_pretrained(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg.to_hf_dict(), f)
     return str(path)
 
 
