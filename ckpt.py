@@ -1,9 +1,11 @@
 """Sharded safetensors training checkpoints: atomic, verified, reshardable. Storage only: nothing here knows
-the model; the HF export lives next to the model (python -m model.export).
+the model (python -m model.export gives it a shape); remote.py mirrors checkpoints to object storage.
 
-Usage:
-  python ckpt.py ls OUT_DIR            # one row per checkpoint under OUT_DIR/ckpt
-  python ckpt.py verify CKPT           # exit 0 only if the checkpoint is complete
+Usage (a URL works wherever a dir does for ls and verify: s3://, gs://, az://, file://):
+  python ckpt.py ls OUT_DIR                      # one row per checkpoint under OUT_DIR/ckpt
+  python ckpt.py verify CKPT                     # exit 0 only if the checkpoint is complete
+  python ckpt.py push CKPT URL | pull URL OUT_DIR   # copy one to / from a remote run root
+  python ckpt.py pack CKPT OUT.tar.zst | unpack ARCHIVE DIR   # .tar.zst, .tar.gz, .tar.bz2, .tar.xz
 
 Layout:
   {out_dir}/ckpt/step-000123/
@@ -11,18 +13,14 @@ Layout:
                                                    layout: keys model.<fqn>, optim.<fqn>.<exp_avg|...>)
     train_state.json                               what train.py passed + "ckpt": RNG of every rank, optimizer
                                                    param_groups, world size, metric
-    manifest.json                                  size + sum64 per 32 MiB of every other file, the metric and
+    manifest.json                                  size + xxh3_64 per 32 MiB of every other file, the metric and
                                                    whether higher is better; written last
   {out_dir}/ckpt/latest                            name of the newest committed checkpoint (atomic replace)
 
-No pickle on disk: DCP's pickled .metadata is never written; shapes, dtypes and shard offsets live in each
-safetensors header, from which HuggingFaceStorageReader rebuilds DCP's metadata. Every non-tensor (param_groups,
-RNG, train state) is JSON. sum64, a chunk's little-endian 64-bit words summed mod 2**64, catches truncation, torn
-writes and damage within a word at memory speed (crc32 made loading slower than safetensors' load_file); it misses
-words reordered within a chunk, and guards against accidents, not an attacker: safetensors + JSON already make a
-hostile file harmless to parse.
-
-Collective: save, load, find_resume and wait must be called on every rank when a process group exists.
+No pickle on disk: shapes, dtypes and shard offsets live in each safetensors header, from which
+HuggingFaceStorageReader rebuilds DCP's metadata; every non-tensor is JSON. The checksum guards against accidents,
+not an attacker. Version 1 manifests hold sum64 (blind to reordered words); they still verify. Nodes need not share
+a disk: each commits its own ranks' files, and a remote holds the whole. Collective: save, load, find_resume, wait.
 """
 import argparse
 import errno
@@ -30,14 +28,17 @@ import json
 import math
 import mmap
 import os
+import posixpath
 import random
 import re
 import shutil
 import sys
 import time
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import fsspec
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import save_file
@@ -48,6 +49,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.futures import Future
+import xxhash
 
 
 class CheckpointError(RuntimeError):
@@ -56,15 +58,15 @@ class CheckpointError(RuntimeError):
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 RETRIES = 4  # attempts for transient I/O errors, backoff 0.5s, 1s, 2s
-CHUNK = 32 << 20  # the manifest keeps a sum64 per 32 MiB, so checksumming runs on all cores
+CHUNK = 32 << 20  # the manifest keeps a checksum per 32 MiB, so checksumming runs on all cores
+LOCAL = fsspec.filesystem("file")  # verify and list read a local dir and a remote one through the same calls
 _POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
 _pending = None  # finish() of an async save still writing: wait for its files, then commit
 _async_group = None  # gloo group, so async writes never share a stream with training collectives
 
 
 def _free_bytes(path):
-    """Free bytes on the filesystem of `path`. Tests monkeypatch this to simulate a full disk."""
-    return shutil.disk_usage(path).free
+    return shutil.disk_usage(path).free  # tests monkeypatch this to simulate a full disk
 
 
 # -- small helpers: ranks, collectives, checksums, files ---------------------------------------------------------------
@@ -97,19 +99,25 @@ def _retry(fn, what):
 def _sum64(buf):
     words = np.frombuffer(buf, dtype="<u8", count=len(buf) // 8)
     tail = int.from_bytes(bytes(buf[len(words) * 8:]), "little")
-    return (int(words.sum(dtype=np.uint64)) + tail) % 2**64
+    return f"{(int(words.sum(dtype=np.uint64)) + tail) % 2**64:016x}"
 
 
-def _sums(path, parallel=True):
-    """sum64 of each CHUNK of a file, on the thread pool (numpy releases the GIL) unless not parallel."""
+DIGESTS = {"xxh3": xxhash.xxh3_64_hexdigest, "sum64": _sum64}  # a manifest entry's key names its checksum
+
+
+def _sums(path, parallel=True, algo="xxh3", fs=None):
+    """Checksums of each CHUNK of a local file, on the thread pool unless not parallel; streamed from fs if given."""
+    if fs is not None:
+        with fs.open(path, "rb", block_size=CHUNK) as f:
+            return [DIGESTS[algo](c) for c in iter(lambda: f.read(CHUNK), b"")]
     size = os.path.getsize(path)
     if size == 0:
         return []
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         view = memoryview(mm)
         try:
-            sums = (_POOL.map if parallel else map)(lambda o: _sum64(view[o:o + CHUNK]), range(0, size, CHUNK))
-            return [f"{c:016x}" for c in sums]
+            return list((_POOL.map if parallel else map)(lambda o: DIGESTS[algo](view[o:o + CHUNK]),
+                                                         range(0, size, CHUNK)))
         finally:
             view.release()
 
@@ -132,11 +140,6 @@ def _write_durable(path, text):
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 # -- DCP's internals ---------------------------------------------------------------------------------------------------
@@ -178,7 +181,7 @@ class _Writer(HuggingFaceStorageWriter):
                 m = re.search(r"os error (\d+)", str(e))
                 raise OSError(int(m.group(1)) if m else errno.EIO, str(e)) from None
             synced = _POOL.submit(_fsync_file, path)  # checksum from the page cache while the disk flushes
-            self.sums[name] = {"size": os.path.getsize(path), "sum64": _sums(path)}
+            self.sums[name] = {"size": os.path.getsize(path), "xxh3": _sums(path)}
             synced.result()
         future = Future()
         future.set_result(results)
@@ -261,20 +264,28 @@ def save(out_dir, step, model, optimizer, train_state, metric=None, higher_is_be
         json.dumps(state)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"train_state is not JSON-able: {e}") from e
-    if rank == 0:
+    # rank 0 commits, and so does the first rank of each node that does not see rank 0's out_dir
+    marker = f".shared-{uuid.uuid4().hex}"
+    if rank == 0:  # every rank looks for it in its own out_dir: a node with its own disk does not see it
+        open(os.path.join(root, marker), "w").close()
+    shared = os.path.exists(os.path.join(root, _gather(marker)[0]))
+    committer = rank == 0 or (not shared and int(os.environ.get("LOCAL_RANK", 0)) == 0)
+    if committer:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
         os.makedirs(tmp)
     if world > 1:
         dist.barrier()
+    if rank == 0:
+        os.remove(os.path.join(root, marker))
     writer = _Writer(tmp)
 
     def cleanup():
-        if rank == 0:
+        if committer:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def commit():
         results, err = _gather(writer.sums), None
-        if rank == 0:
+        if committer:
             files = {k: v for sums in results for k, v in sums.items()}
             try:
                 _retry(lambda: _commit(root, tmp, final, step, metric, higher_is_better, world, state, files),
@@ -282,7 +293,7 @@ def save(out_dir, step, model, optimizer, train_state, metric=None, higher_is_be
                 _retain(root, final, keep_last, keep_best, higher_is_better)
             except CheckpointError as e:
                 err = str(e)
-        err = _gather(err)[0]  # rank 0's verdict
+        err = next((e for e in _gather(err) if e), None)  # any committer's failure fails the save everywhere
         if err:
             cleanup()
             raise CheckpointError(err)
@@ -342,8 +353,8 @@ def _commit(root, tmp, final, step, metric, higher_is_better, world, state, file
     if os.path.isdir(tmp):
         path = os.path.join(tmp, "train_state.json")
         _write_durable(path, json.dumps(state))
-        files["train_state.json"] = {"size": os.path.getsize(path), "sum64": _sums(path)}
-        manifest = {"version": 1, "step": step, "metric": metric, "higher_is_better": higher_is_better,
+        files["train_state.json"] = {"size": os.path.getsize(path), "xxh3": _sums(path)}
+        manifest = {"version": 2, "step": step, "metric": metric, "higher_is_better": higher_is_better,
                     "world_size": world, "files": files}
         _write_durable(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
@@ -356,18 +367,31 @@ def _commit(root, tmp, final, step, metric, higher_is_better, world, state, file
     _fsync_dir(root)
 
 
-def _manifest(path):
+def _manifest(path, fs=LOCAL):
     """Checkpoint `path`'s manifest.json, or {} when it is missing or unreadable."""
     try:
-        return dict(_read_json(os.path.join(path, "manifest.json")))
+        return dict(json.loads(fs.cat_file(posixpath.join(path, "manifest.json"))))
     except (OSError, ValueError, TypeError):
         return {}
 
 
-def list_checkpoints(root):
-    """[(step, path, metric or None)] of committed checkpoint dirs under root, oldest first; never .tmp."""
-    names = [(STEP_RE.match(n), os.path.join(root, n)) for n in (os.listdir(root) if os.path.isdir(root) else [])]
-    return sorted((int(m.group(1)), path, _manifest(path).get("metric")) for m, path in names if m)
+def _names(path, fs):
+    fs.invalidate_cache(path)  # object stores cache listings
+    return [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
+
+
+def list_checkpoints(root, fs=LOCAL):
+    """[(step, path, metric or None)] of committed checkpoint dirs under root, oldest first; never .tmp.
+    On a remote (fs), a checkpoint without its manifest does not exist."""
+    found = [(int(m.group(1)), posixpath.join(root, n), _manifest(posixpath.join(root, n), fs))
+             for n in _names(root, fs) if (m := STEP_RE.match(n))]
+    return sorted((step, path, man.get("metric")) for step, path, man in found if fs is LOCAL or man)
+
+
+def kept(ckpts, final, keep_last, keep_best, higher_is_better):
+    """Paths retention keeps: `final`, the newest keep_last and the best keep_best of ckpts."""
+    keep = {final} | ({path for _, path, _ in ckpts[-keep_last:]} if keep_last > 0 else set())
+    return keep | {path for _, _, path in best_first(ckpts, higher_is_better)[:keep_best]}
 
 
 def best_first(ckpts, higher_is_better):
@@ -387,8 +411,7 @@ def _retain(root, final, keep_last, keep_best, higher_is_better):
     """Keep `final`, the newest keep_last and the best keep_best; delete the rest and stale .tmp dirs
     (one save at a time, so any other .tmp is from a crash)."""
     ckpts = list_checkpoints(root)
-    keep = {final} | ({path for _, path, _ in ckpts[-keep_last:]} if keep_last > 0 else set())
-    keep |= {path for _, _, path in best_first(ckpts, higher_is_better)[:keep_best]}
+    keep = kept(ckpts, final, keep_last, keep_best, higher_is_better)
     for _, path, _ in ckpts:
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)
@@ -399,39 +422,40 @@ def _retain(root, final, keep_last, keep_best, higher_is_better):
 
 # -- verify and resume -------------------------------------------------------------------------------------------------
 
-def verify(path):
-    """Problems with checkpoint dir `path`, each naming the file; [] means complete and intact."""
-    return _check(path, 0, 1)
+def verify(path, fs=LOCAL):
+    """Problems with checkpoint dir `path` (on filesystem fs), each naming the file; [] means complete and intact."""
+    return _check(path, 0, 1, fs=fs)
 
 
-def _check(path, part, nparts, only=None, parallel=True):
+def _check(path, part, nparts, only=None, parallel=True, fs=LOCAL):
     """Check manifest.json and the files in slice [part::nparts] of it (ranks split the reading).
-    only: check just these files of the manifest. parallel: checksum on the thread pool."""
-    if not os.path.isdir(path):
+    only: check just these files of the manifest. parallel: checksum on the thread pool. fs: where path is."""
+    if not fs.isdir(path):
         return [f"{path}: not a directory"]
-    mpath = os.path.join(path, "manifest.json")
+    mpath = posixpath.join(path, "manifest.json")
     try:
-        files = _read_json(mpath)["files"]
-        entries = [(name, int(e["size"]), list(e["sum64"])) for name, e in sorted(files.items())]
+        files = json.loads(fs.cat_file(mpath))["files"]
+        algo = lambda e: "xxh3" if "xxh3" in e else "sum64"  # noqa: E731  version 1 manifests hold sum64
+        entries = [(name, int(e["size"]), algo(e), list(e[algo(e)])) for name, e in sorted(files.items())]
     except FileNotFoundError:
         return [f"{mpath}: missing (save did not complete)"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return [f"{mpath}: unreadable ({type(e).__name__}: {e})"]
     problems = []
     if part == 0 and only is None:
-        extra = sorted(set(os.listdir(path)) - set(files) - {"manifest.json"})
-        problems += [f"{os.path.join(path, name)}: not in manifest" for name in extra]
+        extra = sorted(set(_names(path, fs)) - set(files) - {"manifest.json"})
+        problems += [f"{posixpath.join(path, name)}: not in manifest" for name in extra]
     if part == 0 and "train_state.json" not in files:
         problems.append(f"{mpath}: lists no train_state.json")
-    for name, size, sums in [e for e in entries if only is None or e[0] in only][part::nparts]:
-        fpath = os.path.join(path, name)
-        if os.path.basename(name) != name:
+    for name, size, algo, sums in [e for e in entries if only is None or e[0] in only][part::nparts]:
+        fpath = posixpath.join(path, name)
+        if posixpath.basename(name) != name or name in ("", ".", ".."):
             problems.append(f"{mpath}: bad file name {name!r}")
-        elif not os.path.isfile(fpath):
+        elif not fs.isfile(fpath):
             problems.append(f"{fpath}: missing")
-        elif os.path.getsize(fpath) != size:
-            problems.append(f"{fpath}: size {os.path.getsize(fpath)} != {size} in manifest (truncated?)")
-        elif _sums(fpath, parallel) != sums:
+        elif fs.size(fpath) != size:
+            problems.append(f"{fpath}: size {fs.size(fpath)} != {size} in manifest (truncated?)")
+        elif _sums(fpath, parallel, algo, None if fs is LOCAL else fs) != sums:
             problems.append(f"{fpath}: checksum mismatch (corrupt)")
     return problems
 
@@ -466,16 +490,15 @@ def find_resume(out_dir, resume="auto"):
 # -- load --------------------------------------------------------------------------------------------------------------
 
 def load(path, model, optimizer):
-    """Load checkpoint `path` into model and optimizer (any world size), restore this rank's RNG, and return
-    the train state dict (what save() got, plus "ckpt"). Collective. The checksums run on another core while
-    the shards are read, and a mismatch raises CheckpointError after the read: the model and optimizer then
-    hold part of the checkpoint, so call find_resume first to keep them intact (train.py does)."""
+    """Load checkpoint `path` into model and optimizer (any world size), restore this rank's RNG; -> the train
+    state (what save() got, plus "ckpt"). Collective. Checksums run beside the read, so a mismatch raises after it,
+    with the model holding part of the checkpoint: call find_resume first (train.py does)."""
     wait()
     rank, world = _rank_world()
     problems = [p for ps in _gather(_check(path, 0, 1, only={"train_state.json"})) for p in ps]
     if problems:  # train_state.json first: its numbers shape the load
         raise CheckpointError(f"cannot load {path}: {problems[0]}")
-    state = _read_json(os.path.join(path, "train_state.json"))
+    state = json.loads(LOCAL.cat_file(os.path.join(path, "train_state.json")))
     meta = state["ckpt"]
     model_sd, optim_sd = get_state_dict(model, optimizer)
     if len(meta["param_groups"]) != len(optim_sd["param_groups"]):
@@ -517,10 +540,8 @@ def load(path, model, optimizer):
 # -- reading checkpoints outside training ------------------------------------------------------------------------------
 
 def resolve(path):
-    """The concrete checkpoint or model dir that `path` names. A training run dir (holding ckpt/) or its ckpt/
-    dir means the newest checkpoint there that verifies, as resume=auto picks it: a corrupt newest checkpoint
-    is skipped with a warning rather than read. A checkpoint dir or an HF model dir is itself (a checkpoint
-    is verified when it is read). Raises CheckpointError when nothing usable is there."""
+    """The checkpoint or model dir `path` names: a run dir (or its ckpt/) means its newest checkpoint that verifies,
+    as resume=auto picks it; a checkpoint or HF dir is itself. Raises CheckpointError when nothing usable is there."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path} does not exist; pass a training run dir, a checkpoint dir or an HF model dir")
     run = os.path.dirname(os.path.abspath(path)) if os.path.basename(os.path.abspath(path)) == "ckpt" else path
@@ -536,62 +557,37 @@ def train_state(path):
     """train_state.json of checkpoint dir `path` (what train.py saved, plus "ckpt"); None for an HF model dir."""
     file = os.path.join(path, "train_state.json")
     try:
-        return _read_json(file) if os.path.isfile(os.path.join(path, "manifest.json")) else None
+        return json.loads(LOCAL.cat_file(file)) if os.path.isfile(os.path.join(path, "manifest.json")) else None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: unreadable ({e}); the checkpoint is damaged") from None
 
 
-def model_tensors(path):
-    """The full (unsharded) model tensors of checkpoint `path`, keyed by parameter name, whatever the
-    number of ranks that saved it: DCP's HuggingFaceStorageReader reassembles the shards. One process;
-    verifies the checkpoint first."""
-    problems = verify(path)
-    if problems:
-        raise CheckpointError(f"cannot read {path}: {problems[0]}")
-    reader = HuggingFaceStorageReader(path)
-    meta = reader.read_metadata().state_dict_metadata
-    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith("model.")}
-    _dcp_call(lambda: dcp.load(tensors, storage_reader=reader, no_dist=True), f"reading {path}")
-    return {k[len("model."):]: v for k, v in tensors.items()}
-
-
 # -- CLI ---------------------------------------------------------------------------------------------------------------
-
-def cmd_ls(out_dir):
-    root = os.path.join(out_dir, "ckpt")
-    ckpts = list_checkpoints(root)
-    if not ckpts:
-        raise CheckpointError(f"no checkpoints in {root}")
-    latest = open(os.path.join(root, "latest")).read().strip() if os.path.isfile(os.path.join(root, "latest")) else None
-    ranked = best_first(ckpts, bool(_manifest(ckpts[-1][1]).get("higher_is_better")))  # as the newest was saved
-    best = ranked[0][1] if ranked else None
-    print(f"{'step':>8}  {'metric':>10}  {'size':>10}  {'verifies':<8}  flags")
-    for step, path, metric in ckpts:
-        problems = verify(path)
-        flags = [f for f, on in (("latest", os.path.basename(path) == latest), ("best", step == best)) if on]
-        m = f"{metric:.4f}" if metric is not None else "-"
-        size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
-        print(f"{step:>8}  {m:>10}  {size / 1e6:>8.1f}MB  {'yes' if not problems else 'NO':<8}  "
-              f"{','.join(flags)}{'  ' + problems[0] if problems else ''}")
-    return 0
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\nLayout")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("ls", help="table of the checkpoints under OUT_DIR/ckpt").add_argument(
-        "out_dir", help="training output dir (the one holding ckpt/)")
-    sub.add_parser("verify", help="check sizes and checksums; exit 0 only if complete").add_argument(
-        "ckpt", help="checkpoint dir")
-    args = ap.parse_args(argv)
+    for cmd, help, args in [("ls", "table of the checkpoints under OUT_DIR/ckpt", ["out_dir"]),
+                            ("verify", "check sizes and checksums; exit 0 only if complete", ["ckpt"]),
+                            ("push", "upload checkpoint CKPT to run root URL, manifest last", ["ckpt", "url"]),
+                            ("pull", "download URL's checkpoint (a run root: its newest) into OUT_DIR/ckpt",
+                             ["url", "out_dir"]),
+                            ("pack", "write checkpoint CKPT as one compressed archive", ["ckpt", "archive"]),
+                            ("unpack", "extract ARCHIVE into DIR/step-N, safely, verified", ["archive", "dir"])]:
+        p = sub.add_parser(cmd, help=help)
+        for a in args:
+            p.add_argument(a)
+    a = ap.parse_args(argv)
+    import remote  # it builds on this module (as `ckpt`, whose CheckpointError it raises), so it comes last
     try:
-        if args.cmd == "ls":
-            return cmd_ls(args.out_dir)
-        problems = verify(args.ckpt)
-        print("\n".join(problems) if problems else f"{args.ckpt}: ok")
-        return 1 if problems else 0
-    except (CheckpointError, ValueError) as e:
+        if a.cmd == "verify":
+            problems = verify(*((LOCAL, a.ckpt) if "://" not in a.ckpt else remote.connect(a.ckpt))[::-1])
+            print("\n".join(problems) if problems else f"{a.ckpt}: ok")
+            return 1 if problems else 0
+        print(remote.command(a))
+        return 0
+    except (CheckpointError, remote.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

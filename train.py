@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 
 import ckpt
 import config
+import remote
 from data.loader import DataError, TokenLoader, read_meta
 from evals.domain import quick_domain_metrics
 from evals.loss import lang_metrics, val_sets
@@ -98,6 +99,8 @@ class Config:
     keep_last: int = 3                    # newest checkpoints kept
     keep_best: int = 1                    # best checkpoints by early_stop_metric, never deleted
     ckpt_async: bool = False              # CUDA: write checkpoints in the background
+    remote: str = ""                      # URL mirroring each checkpoint (s3://, gs://, az://, file://); "" = none
+    remote_warn_after: int = 3            # consecutive failed uploads before a loud warning
     # monitoring
     tensorboard: bool = True              # event files in out_dir/tb
     wandb_mode: str = "disabled"          # "online", "offline" or "disabled"
@@ -167,13 +170,10 @@ class Progress:
 
 
 def restore_progress(state):
-    """Progress from a checkpoint's train state. Checkpoints from before the guard had its own entry keep its
-    statistics in early_stop, so they resume too."""
-    keys = {f.name for f in dataclasses.fields(EarlyStop)}
-    early = state["early_stop"]
-    guard = state.get("guard") or {k: v for k, v in early.items() if k not in keys}
+    """Progress from a checkpoint's train state (older ones kept the guard's statistics in early_stop)."""
+    keys, early = {f.name for f in dataclasses.fields(EarlyStop)}, state["early_stop"]
     return Progress(state["step"], state["tokens"], EarlyStop(**{k: early[k] for k in keys if k in early}),
-                    Guard(**guard))
+                    Guard(**(state.get("guard") or {k: v for k, v in early.items() if k not in keys})))
 
 
 def eval_decision(es, cfg, metrics, step):
@@ -285,19 +285,6 @@ def prepare_data(cfg, master):
     return read_meta(cfg.data_dir)
 
 
-def run_eval(model, val, ctx, cfg, tokenizer):
-    """Per-language val loss, perplexity and accuracy (evals/loss.py, as validate.py's ppl task), plus
-    XML/MDX/JS validity of greedy completions (evals/domain.py, as validate.py) with eval_domain_prompts."""
-    metrics = lang_metrics(model, val, ctx)
-    if cfg.eval_domain_prompts:  # every rank generates the same greedy tokens, as FSDP needs
-        with torch.no_grad(), ctx:
-            model.eval()
-            metrics |= quick_domain_metrics(model, tokenizer, cfg.eval_domain_prompts, cfg.eval_domain_tokens,
-                                            data_dir=cfg.data_dir)
-            model.train()
-    return metrics
-
-
 def train_step(model, optimizer, scaler, batches, ctx, cfg, guard, sharded, signalled, nan):
     """One optimizer step. The loss is every micro-batch's summed loss over the global valid-token count, so
     accumulation and ranks give the same step; gradients sync on the last micro-batch only. Then clipping
@@ -373,6 +360,7 @@ def main(args):
     cfg = load_config(args)
     rank, world_size, device = setup(cfg)
     master = rank == 0
+    mirror = remote.open_mirror(cfg) if cfg.remote else None  # probed now: bad credentials fail fast, in one line
     ptdtype = DTYPES[cfg.dtype]
     meta = prepare_data(cfg, master)
     tokenizer = AutoTokenizer.from_pretrained(meta["tokenizer"]) if cfg.eval_domain_prompts else None
@@ -399,6 +387,7 @@ def main(args):
     # -- resume: weights, optimizer, data position, RNG and early-stopping state
     p, run_id = Progress(), None
     path = ckpt.find_resume(cfg.out_dir, cfg.resume)
+    path = remote.restore(mirror, cfg.out_dir, path) if mirror and cfg.resume == "auto" else path  # a fresh node?
     if path:
         state = ckpt.load(path, model, optimizer)
         p, run_id = restore_progress(state), state.get("run_id")
@@ -421,8 +410,8 @@ def main(args):
         if signalled and signum == signal.SIGINT:
             os._exit(130)
         signalled.append(signum)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
 
     # -- the loop. Evals and checkpoints happen at the top, so a checkpoint at step s holds every decision made at s
     stop_reason, metrics, saved = None, {}, []
@@ -433,7 +422,10 @@ def main(args):
     while True:
         at_end = p.step == cfg.max_iters
         if p.step != resumed_at and (p.step % cfg.eval_interval == 0 or at_end):
-            metrics = run_eval(model, val, ctx, cfg, tokenizer)
+            metrics = lang_metrics(model, val, ctx)  # per-language val loss, perplexity, accuracy (validate.py's ppl)
+            if cfg.eval_domain_prompts:  # + XML/MDX/JS validity of greedy completions, as validate.py scores it
+                metrics |= quick_domain_metrics(model, tokenizer, cfg.eval_domain_prompts, cfg.eval_domain_tokens,
+                                                data_dir=cfg.data_dir, ctx=ctx)
             monitor.log_eval(p.step, metrics)
             action, why = eval_decision(p.early_stop, cfg, metrics, p.step)
             if action:
@@ -443,6 +435,8 @@ def main(args):
         if p.step != resumed_at and p.step > 0 and (p.step % cfg.ckpt_interval == 0 or at_end or stop_reason):
             saved.append(save_checkpoint(cfg, p, model, optimizer, loader, scaler, mcfg, monitor.run_id,
                                          metrics.get(cfg.early_stop_metric)))
+            for event in remote.upload(mirror, saved[-1], p.step) if mirror else []:  # earlier uploads' events
+                monitor.event(*event)
         if stop_reason or p.step >= cfg.max_iters:
             stop_reason = stop_reason or f"reached max_iters={cfg.max_iters}"
             break
@@ -480,9 +474,12 @@ def main(args):
     if master:
         print(f"stopped at step {p.step}: {stop_reason}")
     ckpt.wait()  # an async save must be committed before export
+    for event in remote.close(mirror) if mirror else []:
+        monitor.event(*event)
     export_path = None
     if saved and master:
         best = ckpt.best_checkpoint(cfg.out_dir, cfg.early_stop_mode == "max") or saved[-1]
+        best = remote.complete(mirror, best) if mirror else best  # nodes without a shared disk hold part of it
         export_path = export(best, os.path.join(cfg.out_dir, "best"))
     monitor.finish(dict(stop_reason=stop_reason, best_metric=p.early_stop.best, best_step=p.early_stop.best_step,
                         steps=p.step, tokens=p.tokens, best_metric_name=cfg.early_stop_metric, checkpoints=saved,

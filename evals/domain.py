@@ -7,6 +7,7 @@ markup written (what a model whose documents outgrow the budget or its context c
 train.py's `domain_valid` early-stopping metric and validate.py's xml/mdx/js tasks both come from here.
 """
 import re
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -155,23 +156,28 @@ def evaluate(run, lang):
 
 
 @torch.no_grad()
-def quick_domain_metrics(model, tokenizer, n_prompts=4, max_new_tokens=128, data_dir=None, batch_size=8):
-    """XML/MDX/JS validity of greedy completions of a few prompts: cheap enough for train.py's eval.
-    -> {"xml_valid", "mdx_valid", "js_valid", "domain_valid" (their mean), and the same with _prefix_valid:
-    no error before the end, which is what a small context can reach}. Call it on every rank."""
-    out = {}
+def quick_domain_metrics(model, tokenizer, n_prompts=4, max_new_tokens=128, data_dir=None, batch_size=8,
+                         ctx=nullcontext()):
+    """XML/MDX/JS validity of greedy completions of a few prompts: cheap enough for train.py's eval (in eval mode
+    under ctx, then back to the model's mode). -> {"xml_valid", "mdx_valid", "js_valid", "domain_valid" (their
+    mean), and the same with _prefix_valid: no error before the end, which is what a small context can reach}.
+    Call it on every rank: FSDP needs every rank to generate the same greedy tokens."""
+    out, training = {}, model.training
+    model.eval()
     for lang in LANGS:
         items = validity_prompts(lang, None, 0, n_prompts)
         if data_dir:
             budget = gen_budget(model, max_new_tokens)
             items += validity_prompts(lang, data_dir, n_prompts, None, budget)[len(PROMPTS[lang]):]
-        texts, _ = complete(model, tokenizer, [p for _, p in items], max_new_tokens, batch_size=batch_size,
-                            desc=lang)
+        with ctx:
+            texts, _ = complete(model, tokenizer, [p for _, p in items], max_new_tokens, batch_size=batch_size,
+                                desc=lang)
         checks = check_docs(lang, [p + t for (_, p), t in zip(items, texts)])
         out[f"{lang}_valid"] = sum(ok for ok, _ in checks) / len(checks)
         out[f"{lang}_prefix_valid"] = sum(prefix_ok(lang, p, t, ok, e)
                                           for (_, p), t, (ok, e) in zip(items, texts, checks)) / len(checks)
     out["domain_valid"] = sum(out[f"{lang}_valid"] for lang in LANGS) / 3
     out["domain_prefix_valid"] = sum(out[f"{lang}_prefix_valid"] for lang in LANGS) / 3
+    model.train(training)
     return out
 

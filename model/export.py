@@ -2,6 +2,7 @@
 
   python -m model.export out/tiny/ckpt/step-002000 hf/tiny        # config, safetensors shards + index, tokenizer
   python -m model.export out/tiny hf/tiny --max_shard_size=500MB   # a run dir: its newest checkpoint that verifies
+  python -m model.export s3://bucket/runs/tiny hf/tiny --pack zst  # a remote run; + hf/tiny.tar.zst to distribute
 
     model, tokenizer_dir = load_for_inference("out/tiny/ckpt/step-002000")   # or an HF dir
 
@@ -12,11 +13,15 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 import ckpt
+import remote
 from model.phi import ModelLoadError, Phi, PhiConfig
 
 
@@ -35,6 +40,20 @@ def _tokenizer_dir(meta):
     return tok if tok and os.path.isdir(tok) else None
 
 
+def _model_tensors(path):
+    """The full (unsharded) model tensors of checkpoint `path`, keyed by parameter name, whatever the
+    number of ranks that saved it: DCP's HuggingFaceStorageReader reassembles the shards. One process;
+    verifies the checkpoint first."""
+    problems = ckpt.verify(path)
+    if problems:
+        raise ckpt.CheckpointError(f"cannot read {path}: {problems[0]}")
+    reader = HuggingFaceStorageReader(path)
+    meta = reader.read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith("model.")}
+    ckpt._dcp_call(lambda: dcp.load(tensors, storage_reader=reader, no_dist=True), f"reading {path}")
+    return {k[len("model."):]: v for k, v in tensors.items()}
+
+
 def _model_from_ckpt(path, dtype=torch.float32, device="cpu"):
     state = ckpt.train_state(path)
     if state is None or "model_config" not in state:
@@ -42,7 +61,7 @@ def _model_from_ckpt(path, dtype=torch.float32, device="cpu"):
     cfg = PhiConfig.from_dict(state["model_config"])
     with torch.device("meta"):  # weights exist in memory once, as in Phi.from_pretrained
         model = Phi(cfg)
-    sd = ckpt.model_tensors(path)
+    sd = _model_tensors(path)
     if set(sd) != set(model.state_dict()):
         diff = sorted(set(sd) ^ set(model.state_dict()))
         raise ckpt.CheckpointError(f"{path}: weights do not match model_config ({len(diff)} keys differ, "
@@ -92,9 +111,14 @@ def main(argv=None):
     ap.add_argument("ckpt", help="checkpoint dir (out/ckpt/step-000123) or run dir (its newest that verifies)")
     ap.add_argument("out", help="output dir for the HF model")
     ap.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard (default 2GB)")
+    ap.add_argument("--pack", choices=["zst", "gz", "bz2", "xz"], help="also write OUT.tar.<PACK> of the HF dir")
     args = ap.parse_args(argv)
     try:
-        print(export(ckpt.resolve(args.ckpt), args.out, args.max_shard_size))
+        with tempfile.TemporaryDirectory() as tmp:  # a URL's checkpoint is downloaded (and verified) here
+            path = remote.pull(args.ckpt, tmp) if "://" in args.ckpt else ckpt.resolve(args.ckpt)
+            print(export(path, args.out, args.max_shard_size))
+        if args.pack:
+            print(remote.pack(args.out, f"{args.out.rstrip('/')}.tar.{args.pack}"))
     except (ckpt.CheckpointError, ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
