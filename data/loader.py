@@ -20,7 +20,7 @@ what 1 rank x B=4 (or 1 rank x B=2 x 2 accumulation steps) sees.
 import numpy as np
 import torch
 
-from data.prepare import DataError, open_tokens, read_meta  # the on-disk format lives with its writer
+from data.format import DataError, open_tokens, read_meta
 
 PATTERN_LEN = 1000  # sequences per mixture cycle; weights are honoured to 1/PATTERN_LEN
 

@@ -182,10 +182,10 @@ def test_crash_leaves_nothing_that_looks_complete(tmp_path, tokdir, monkeypatch)
     prep.prepare(["synthetic:40"], out=out, tokenizer=tokdir, workers=0, quiet=True)
     calls = []
 
-    def failing(texts):
+    def failing(chunk):
         calls.append(1)
         raise KeyboardInterrupt  # as if killed halfway
-    monkeypatch.setattr(prep, "_encode", failing)
+    monkeypatch.setattr(prep, "_work", failing)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(["synthetic:60"], out=out, tokenizer=tokdir, workers=0, quiet=True)
     assert calls and not (out / "meta.json").exists()
