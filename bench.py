@@ -18,7 +18,9 @@ Each measurement is a JSON object: name, ours, baseline, unit, ratio (ours / bas
            minus the RSS before the model was built.
   ckpt     safetensors save_file / load_file of the same tensors (ckpt_io).
   loader   the batches per second the training step of this config consumes.
-  prepare  one process of tokenizers' encode_batch over the same files, without cleaning, dedup or writing.
+  prepare  tokenizers' encode_batch over the same files (listed, read, decoded), without cleaning, dedup or writing,
+           with as many threads as prepare.py has worker processes (1 and 2), each pair in a fresh process.
+           The corpus is real: PREPARE_CORPUS, what `npm ci --prefix checkers` and `pip install` put on disk.
   monitor  the same step loop with TensorBoard off and W&B disabled (metrics.jsonl is always written), logging
            every log_interval steps as train.py does; the median of on/off ratios of paired blocks.
 """
@@ -34,6 +36,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -52,6 +55,9 @@ from model.parallel import apply_ac, apply_compile, build_model
 from train import DTYPES, Guard, adamw, load_config, train_step
 
 SCALER = torch.amp.GradScaler(enabled=False)  # no loss scaling on either side, fp16 included
+# real JavaScript, TypeScript, Markdown (the checkers' npm packages) and XML, JS, Markdown (installed Python packages)
+PREPARE_CORPUS = ["checkers/node_modules", sysconfig.get_paths()["purelib"]]
+PREPARE_SMOKE = ["checkers/node_modules/micromark-core-commonmark"]  # 0.26 MB of the same
 GPU_TABLE = ["--model_preset=phi-2", "--block_size=2048", "--dtype=bfloat16", "--batch_size=1", "--grad_accum=1"]
 
 
@@ -272,31 +278,122 @@ def bench_ckpt(tmp, n_params, repeats):
                 baseline_is="DCP's HuggingFaceStorageWriter, which only writes (ours also checksums)", **info)]
 
 
-def bench_prepare(tmp, n_docs, vocab):
-    """MB/s of data/prepare.py over files of the synthetic corpus, with an already trained tokenizer."""
+def train_tokenizer(sources, out, vocab):
+    """A byte-level BPE learned from the corpus by prepare.py (which also reads every file once, so both sides
+    of the measurement find them in the page cache)."""
+    from data.prepare import prepare
+    return prepare(sources, out=out, train_tokenizer=vocab, quiet=True)["tokenizer"]
+
+
+def prepare_pair(sources, tokenizer, out, workers, repeats):
+    """In a fresh process whose tokenizers run `workers` threads (RAYON_NUM_THREADS): prepare.py end to end with
+    `workers` processes, against encode_batch of the same files' text, and of the documents that pass the filters
+    (what prepare.py tokenizes), alternating. -> best seconds of each side, and prepare.py's meta."""
     from tokenizers import Tokenizer
 
-    from data.prepare import prepare
-    from data.synth import generate_corpus
-    src = os.path.join(tmp, "src")
-    os.makedirs(src)
-    for i, (lang, text) in enumerate(generate_corpus(n_docs)):
-        with open(os.path.join(src, f"doc{i:05d}.{lang}"), "w") as f:
-            f.write(text)
-    first = prepare([src], out=os.path.join(tmp, "data"), train_tokenizer=vocab, quiet=True)  # also the loader's data
-    t = time.perf_counter()
-    meta = prepare([src], out=os.path.join(tmp, "data2"), tokenizer=first["tokenizer"], quiet=True)
-    ours = meta["mb_read"] / (time.perf_counter() - t)
-    t = time.perf_counter()
-    texts = []
-    for name in sorted(os.listdir(src)):
-        with open(os.path.join(src, name), encoding="utf-8") as f:
-            texts.append(f.read())
-    tok = Tokenizer.from_file(os.path.join(first["tokenizer"], "tokenizer.json"))
-    tok.encode_batch(texts, add_special_tokens=False)
-    base = sum(len(s.encode()) for s in texts) / 1e6 / (time.perf_counter() - t)
-    return [row("prepare/throughput", ours, base, "MB/s", "higher", docs=n_docs, mb=meta["mb_read"])], \
-        os.path.join(tmp, "data")
+    from data.dedup import lsh_bands
+    from data.prepare import NEAR_DEDUP, Filters, clean, load_tokenizer, prepare
+    from data.sources import LANG_OF_EXT, parse_source, source_units
+    files = [f for src in sources for f in source_units(*parse_source(src)[:2])]
+    tok = Tokenizer.from_file(os.path.join(tokenizer, "tokenizer.json"))
+    load_tokenizer(tokenizer), lsh_bands(NEAR_DEDUP)  # imports paid once per process (~2 s): not timed on either side
+    filtered = [text for f in files if (text := clean(str(f), LANG_OF_EXT[f.suffix.lower()], f.read_bytes(),
+                                                      Filters())[0]) is not None]
+    best = {}
+    for r in range(repeats):
+        for side in ("ours", "base", "filtered") if r % 2 == 0 else ("filtered", "base", "ours"):
+            if side == "ours":
+                shutil.rmtree(out, ignore_errors=True)
+            t = time.perf_counter()
+            if side == "ours":
+                meta = prepare(sources, out, tokenizer=tokenizer, workers=workers, quiet=True)
+            elif side == "base":  # from the same directories, as prepare.py starts: listing, reading, decoding
+                tok.encode_batch([f.read_bytes().decode("utf-8", errors="replace")
+                                  for src in sources for f in source_units(*parse_source(src)[:2])],
+                                 add_special_tokens=False)
+            else:
+                tok.encode_batch(filtered, add_special_tokens=False)
+            best[side] = min(best.get(side, float("inf")), time.perf_counter() - t)
+    by_lang = {}
+    for f in files:
+        by_lang[LANG_OF_EXT[f.suffix.lower()]] = by_lang.get(LANG_OF_EXT[f.suffix.lower()], 0) + f.stat().st_size / 1e6
+    return best, meta, sum(len(t.encode()) for t in filtered) / 1e6, by_lang
+
+
+def bench_prepare(tmp, smoke, vocab):
+    """MB/s of data/prepare.py (near-dedup on, its default) against encode_batch on the same real files, at 1 and 2
+    workers; each pair alone in a fresh process, the tokenizers' thread pool sized by RAYON_NUM_THREADS."""
+    sources = PREPARE_SMOKE if smoke else PREPARE_CORPUS
+    for src in sources:
+        if not os.path.isdir(src):
+            raise ValueError(f"bench prepare: {src} is missing: run `npm ci --prefix checkers` (the README's install)")
+    tokenizer = in_fresh_process(train_tokenizer, sources, os.path.join(tmp, "tok"), vocab)
+    rows = []
+    for workers in (1, 2):
+        env = os.environ.get("RAYON_NUM_THREADS")
+        os.environ["RAYON_NUM_THREADS"] = str(workers)  # read when the child's tokenizers first start their threads
+        try:  # fork: this process never ran tokenizers' thread pool, so the child starts its own
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as ex:
+                out = os.path.join(tmp, f"data{workers}")
+                best, meta, filtered_mb, by_lang = ex.submit(prepare_pair, sources, tokenizer, out, workers,
+                                                             1 if smoke else 5).result()
+        finally:
+            if env is None:
+                del os.environ["RAYON_NUM_THREADS"]
+            else:
+                os.environ["RAYON_NUM_THREADS"] = env
+        mb = meta["mb_read"]
+        rows.append(row(f"prepare/throughput_{workers}w", mb / best["ours"], mb / best["base"], "MB/s", "higher",
+                        workers=workers, sources=sources, mb=mb, docs=sum(s["docs_read"] for s in meta["sources"]),
+                        mb_by_lang={lang: round(v, 3) for lang, v in sorted(by_lang.items())},
+                        dropped=meta["filters"]["dropped"], vocab=meta["vocab_size"], best_of=1 if smoke else 5,
+                        baseline_is="encode_batch of every file, listing the directories and reading included",
+                        seconds=best["ours"], baseline_seconds=best["base"],
+                        # stricter: encode_batch of only the documents that pass the filters, which prepare.py tokenizes
+                        filtered_mb=filtered_mb, filtered_seconds=best["filtered"],
+                        strict_ratio=best["filtered"] / best["ours"]))
+    return rows, os.path.join(tmp, "data1")
+
+
+def bench_archive(tmp, smoke):
+    """ckpt.py pack: MB/s of each format and its compression ratio, against tar without compression in the same
+    run, on a checkpoint of the tiny model (fp32 weights + AdamW state after 20 steps) and on bf16 weights of
+    phi-2 width (an MLP matrix, random normal with std 0.02 like trained weights). Unpack: MB/s, verified."""
+    import tarfile
+
+    import remote
+    from model.phi import PRESETS, Phi
+    torch.manual_seed(0)
+    tiny = Phi(PhiConfig(**PRESETS["test" if smoke else "tiny"]))
+    opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
+    for _ in range(2 if smoke else 20):
+        x = torch.randint(0, tiny.cfg.vocab_size, (4, 64))
+        tiny(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    wide = torch.nn.Linear(2560, 1024 if smoke else 10240, bias=False).to(torch.bfloat16)
+    torch.nn.init.normal_(wide.weight, std=0.02)
+    rows = []
+    for what, model, optim in (("tiny", tiny, opt), ("phi2_bf16", wide, torch.optim.SGD(wide.parameters()))):
+        path = ckpt.save(os.path.join(tmp, f"arch-{what}"), 1, model, optim, {})
+        size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+        t = time.perf_counter()
+        with tarfile.open(os.path.join(tmp, "plain.tar"), "w") as tar:
+            tar.add(path, arcname="step-000001")
+        base = size / 1e6 / (time.perf_counter() - t)
+        for fmt in remote.FORMATS:
+            archive = os.path.join(tmp, f"{what}{fmt}")
+            t = time.perf_counter()
+            remote.pack(path, archive)
+            ours = size / 1e6 / (time.perf_counter() - t)
+            t = time.perf_counter()
+            shutil.rmtree(remote.unpack(archive, os.path.join(tmp, "unpacked")))
+            rows.append(row(f"archive/{what}/{fmt[5:]}", ours, base, "MB/s", "higher", mb=size / 1e6,
+                            compression_ratio=size / os.path.getsize(archive),
+                            unpack_mb_per_s=size / 1e6 / (time.perf_counter() - t),
+                            baseline_is="tar without compression"))
+            os.remove(archive)
+    return rows
 
 
 def bench_loader(cfg, data_dir, n_batches, consumed):
@@ -417,7 +514,7 @@ def main(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other arguments are train.py's: config files and --key=value flags.")
     p.add_argument("--config", action="append", default=[], help="a train.py config file (default config/tiny.py)")
-    p.add_argument("--what", default="train,ckpt,loader,prepare,monitor", help="comma-separated measurements")
+    p.add_argument("--what", default="train,ckpt,archive,loader,prepare,monitor", help="comma-separated measurements")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--smoke", action="store_true", help="small shapes and few steps: under a minute on a CPU")
     p.add_argument("--gpu-table", action="store_true", help="CUDA: compile off/on x AC none/selective/full rows")
@@ -428,9 +525,10 @@ def main(argv):
     flags += [x for x in rest if x.startswith("--")]  # the user's flags win
     args = files + flags
     what = set(a.what.split(","))
-    unknown = what - {"train", "ckpt", "loader", "prepare", "monitor"}
+    unknown = what - {"train", "ckpt", "archive", "loader", "prepare", "monitor"}
     if unknown:
-        raise ValueError(f"--what: unknown measurement {sorted(unknown)[0]!r}; use train,ckpt,loader,prepare,monitor")
+        raise ValueError(f"--what: unknown measurement {sorted(unknown)[0]!r}; "
+                         f"use train,ckpt,archive,loader,prepare,monitor")
     steps = a.steps or (3 if a.smoke else 30)
     cfg = load_config(args)
     model_config(cfg)
@@ -454,7 +552,7 @@ def main(argv):
                             rows[-1]["details"].update(simulated_mib=sim, simulated_over_measured=sim / measured)
                             print(f"plan.py: simulated {sim:,.0f} MiB, measured {measured:,.0f} MiB")
                         print_table(rows[-3:])
-        for name in ("train", "ckpt", "prepare", "loader", "monitor"):
+        for name in ("train", "ckpt", "prepare", "loader", "monitor", "archive"):  # zstd's threads, then no fork
             if name not in what and not (name == "prepare" and "loader" in what):
                 continue
             t = time.perf_counter()
@@ -462,8 +560,10 @@ def main(argv):
                 r, consumed = bench_train(args, steps, 1 if a.smoke else 3)
             elif name == "ckpt":
                 r = bench_ckpt(tmp, (4 << 20) if a.smoke else (32 << 20), 1 if a.smoke else 3)
+            elif name == "archive":
+                r = bench_archive(tmp, a.smoke)
             elif name == "prepare":  # also makes the loader's data
-                r, data_dir = bench_prepare(tmp, 200 if a.smoke else 1500, 512 if a.smoke else cfg.tokenizer_vocab)
+                r, data_dir = bench_prepare(tmp, a.smoke, 512 if a.smoke else cfg.tokenizer_vocab)
                 r = r if "prepare" in what else []
             elif name == "loader":
                 if consumed is None:  # a short measured run of our step, in this process

@@ -11,7 +11,9 @@ from helpers import ROOT
 
 pytestmark = pytest.mark.slow  # bench.py subprocesses
 EXPECTED = {"train/step_time", "train/tokens_per_s", "train/peak_memory", "ckpt/save", "ckpt/load", "ckpt/writer",
-            "prepare/throughput", "loader/batches_per_s", "monitor/step_time", "monitor/sink_cpu"}
+            "prepare/throughput_1w", "prepare/throughput_2w",
+            "loader/batches_per_s", "monitor/step_time", "monitor/sink_cpu"} | \
+    {f"archive/{what}/{fmt}" for what in ("tiny", "phi2_bf16") for fmt in ("zst", "gz", "bz2", "xz")}
 
 
 def test_smoke_writes_every_measurement(tmp_path):
@@ -37,13 +39,16 @@ def test_smoke_writes_every_measurement(tmp_path):
     assert sink["sinks_on"] == {"tensorboard": True, "wandb": True}  # the "on" side really had both sinks
     assert sink["log_step_cpu_ms_on"] > sink["log_step_cpu_ms_off"] > 0
     assert abs(sink["overhead_pct"] - 100 * (rows["monitor/sink_cpu"]["ratio"] - 1)) < 1e-6
+    for fmt in ("zst", "gz", "bz2", "xz"):  # every format compresses, and its archive unpacked and verified
+        assert rows[f"archive/tiny/{fmt}"]["details"]["compression_ratio"] > 1
+        assert rows[f"archive/phi2_bf16/{fmt}"]["details"]["unpack_mb_per_s"] > 0
 
 
 def test_bad_arguments_give_one_line_errors():
     r = subprocess.run([sys.executable, "bench.py", "--what", "train,speed"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == "error: --what: unknown measurement 'speed'; use " \
-        "train,ckpt,loader,prepare,monitor", r.stderr
+        "train,ckpt,archive,loader,prepare,monitor", r.stderr
     import bench
     with pytest.raises(ValueError, match="random-init models"):
         bench.main(["--what", "train", "--init_from=/some/phi-2"])
