@@ -288,7 +288,8 @@ def train_tokenizer(sources, out, vocab):
 def prepare_pair(sources, tokenizer, out, workers, repeats):
     """In a fresh process whose tokenizers run `workers` threads (RAYON_NUM_THREADS): prepare.py end to end with
     `workers` processes, against encode_batch of the same files' text, and of the documents that pass the filters
-    (what prepare.py tokenizes), alternating. -> best seconds of each side, and prepare.py's meta."""
+    (what prepare.py tokenizes), and listing and reading alone, alternating. -> best seconds of each, prepare.py's
+    meta, MB that pass the filters, MB per language."""
     from tokenizers import Tokenizer
 
     from data.dedup import lsh_bands
@@ -301,7 +302,7 @@ def prepare_pair(sources, tokenizer, out, workers, repeats):
                                                       Filters())[0]) is not None]
     best = {}
     for r in range(repeats):
-        for side in ("ours", "base", "filtered") if r % 2 == 0 else ("filtered", "base", "ours"):
+        for side in ("ours", "base", "filtered", "read") if r % 2 == 0 else ("read", "filtered", "base", "ours"):
             if side == "ours":
                 shutil.rmtree(out, ignore_errors=True)
             t = time.perf_counter()
@@ -311,8 +312,10 @@ def prepare_pair(sources, tokenizer, out, workers, repeats):
                 tok.encode_batch([f.read_bytes().decode("utf-8", errors="replace")
                                   for src in sources for f in source_units(*parse_source(src)[:2])],
                                  add_special_tokens=False)
-            else:
+            elif side == "filtered":
                 tok.encode_batch(filtered, add_special_tokens=False)
+            else:  # what a second pass over the sources would cost: listing and reading them again
+                [f.read_bytes() for src in sources for f in source_units(*parse_source(src)[:2])]
             best[side] = min(best.get(side, float("inf")), time.perf_counter() - t)
     by_lang = {}
     for f in files:
@@ -327,13 +330,16 @@ def bench_prepare(tmp, smoke, vocab):
     for src in sources:
         if not os.path.isdir(src):
             raise ValueError(f"bench prepare: {src} is missing: run `npm ci --prefix checkers` (the README's install)")
-    tokenizer = in_fresh_process(train_tokenizer, sources, os.path.join(tmp, "tok"), vocab)
+    # spawned, not forked: a fork of this process can hang on a lock that one of its threads (the checkpoint
+    # writers of the measurements before) held at that moment; a spawned child also starts its own tokenizers threads
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        tokenizer = ex.submit(train_tokenizer, sources, os.path.join(tmp, "tok"), vocab).result()
     rows = []
     for workers in (1, 2):
         env = os.environ.get("RAYON_NUM_THREADS")
-        os.environ["RAYON_NUM_THREADS"] = str(workers)  # read when the child's tokenizers first start their threads
-        try:  # fork: this process never ran tokenizers' thread pool, so the child starts its own
-            with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as ex:
+        os.environ["RAYON_NUM_THREADS"] = str(workers)  # the child's tokenizers read it when they start their threads
+        try:
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
                 out = os.path.join(tmp, f"data{workers}")
                 best, meta, filtered_mb, by_lang = ex.submit(prepare_pair, sources, tokenizer, out, workers,
                                                              1 if smoke else 5).result()
@@ -351,7 +357,7 @@ def bench_prepare(tmp, smoke, vocab):
                         seconds=best["ours"], baseline_seconds=best["base"],
                         # stricter: encode_batch of only the documents that pass the filters, which prepare.py tokenizes
                         filtered_mb=filtered_mb, filtered_seconds=best["filtered"],
-                        strict_ratio=best["filtered"] / best["ours"]))
+                        strict_ratio=best["filtered"] / best["ours"], read_seconds=best["read"]))
     return rows, os.path.join(tmp, "data1")
 
 

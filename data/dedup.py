@@ -58,7 +58,7 @@ def keys(data, digest, bands):
     if "minhash" not in _base:
         _base["minhash"] = MinHash(num_perm=NUM_PERM, hashfunc=int)  # shingles are hashed already
     m = _base["minhash"].copy()
-    m.update_batch(shingles(data))
+    m.update_batch(shingles(data).tolist())  # int() of Python ints (its hashfunc) is cheaper than of numpy's
     b, r = bands
     rows = m.hashvalues[:b * r].reshape(b, r)
     band_keys = [int.from_bytes(hashlib.blake2b(i.to_bytes(2, "little") + row.tobytes(), digest_size=8).digest(),

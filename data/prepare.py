@@ -62,6 +62,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "added_tokens.json", "tokenizer.model", "vocab.txt")
 EOS = "<|endoftext|>"
 NON_ALNUM = re.compile(r"[\W_]+")
+ASCII_NON_ALNUM = bytes(b for b in range(128) if not chr(b).isalnum())  # the same count for ASCII text, in C
 BPE_SAMPLE_CHARS = 100_000_000  # --train-tokenizer learns from at most this much train text (held in memory)
 NEAR_DEDUP = 0.85  # Jaccard threshold of near-duplicate removal, as The Stack
 CHUNK_BYTES = 1 << 18  # documents go to the workers in chunks of about this many bytes
@@ -92,7 +93,8 @@ def clean(name, lang, raw, flt):
     raw = raw.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     if not raw.strip():
         return None, "empty", fixes
-    if len(raw.encode("utf-8")) > flt.max_bytes:
+    data = raw.encode("utf-8")
+    if len(data) > flt.max_bytes:
         return None, "too_large", fixes
     if any(m in line.lower() for line in raw.split("\n", 5)[:5] for m in AUTOGEN_MARKERS):
         return None, "auto_generated", fixes
@@ -105,7 +107,8 @@ def clean(name, lang, raw, flt):
         return None, "long_lines", fixes
     if mean > flt.max_mean_line:
         return None, "long_mean_line", fixes
-    if len(NON_ALNUM.sub("", raw)) / len(raw) < flt.min_alnum:
+    alnum = len(data.translate(None, ASCII_NON_ALNUM)) if raw.isascii() else len(NON_ALNUM.sub("", raw))
+    if alnum / len(raw) < flt.min_alnum:
         return None, "low_alnum", fixes
     return raw, None, fixes
 

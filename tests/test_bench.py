@@ -39,6 +39,10 @@ def test_smoke_writes_every_measurement(tmp_path):
     assert sink["sinks_on"] == {"tensorboard": True, "wandb": True}  # the "on" side really had both sinks
     assert sink["log_step_cpu_ms_on"] > sink["log_step_cpu_ms_off"] > 0
     assert abs(sink["overhead_pct"] - 100 * (rows["monitor/sink_cpu"]["ratio"] - 1)) < 1e-6
+    for w in (1, 2):  # the stricter baseline (only what passes the filters) and the listing+reading time come too
+        d = rows[f"prepare/throughput_{w}w"]["details"]  # mb: meta.json's mb_read, to 3 decimals
+        assert d["workers"] == w and 0 < d["filtered_mb"] <= d["mb"] + 1e-3 and 0 < d["read_seconds"] < d["seconds"]
+        assert abs(d["strict_ratio"] - d["filtered_seconds"] / d["seconds"]) < 1e-9
     for fmt in ("zst", "gz", "bz2", "xz"):  # every format compresses, and its archive unpacked and verified
         assert rows[f"archive/tiny/{fmt}"]["details"]["compression_ratio"] > 1
         assert rows[f"archive/phi2_bf16/{fmt}"]["details"]["unpack_mb_per_s"] > 0
