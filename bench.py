@@ -40,6 +40,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 
@@ -295,7 +296,10 @@ def prepare_pair(sources, tokenizer, out, workers, repeats):
     from data.dedup import lsh_bands
     from data.prepare import NEAR_DEDUP, Filters, clean, load_tokenizer, prepare
     from data.sources import LANG_OF_EXT, parse_source, source_units
-    files = [f for src in sources for f in source_units(*parse_source(src)[:2])]
+
+    def listing():  # the corpus files, as prepare.py lists them
+        return [f for src in sources for f in source_units(*parse_source(src)[:2])]
+    files = listing()
     tok = Tokenizer.from_file(os.path.join(tokenizer, "tokenizer.json"))
     load_tokenizer(tokenizer), lsh_bands(NEAR_DEDUP)  # imports paid once per process (~2 s): not timed on either side
     filtered = [text for f in files if (text := clean(str(f), LANG_OF_EXT[f.suffix.lower()], f.read_bytes(),
@@ -309,17 +313,16 @@ def prepare_pair(sources, tokenizer, out, workers, repeats):
             if side == "ours":
                 meta = prepare(sources, out, tokenizer=tokenizer, workers=workers, quiet=True)
             elif side == "base":  # from the same directories, as prepare.py starts: listing, reading, decoding
-                tok.encode_batch([f.read_bytes().decode("utf-8", errors="replace")
-                                  for src in sources for f in source_units(*parse_source(src)[:2])],
+                tok.encode_batch([f.read_bytes().decode("utf-8", errors="replace") for f in listing()],
                                  add_special_tokens=False)
             elif side == "filtered":
                 tok.encode_batch(filtered, add_special_tokens=False)
             else:  # what a second pass over the sources would cost: listing and reading them again
-                [f.read_bytes() for src in sources for f in source_units(*parse_source(src)[:2])]
+                [f.read_bytes() for f in listing()]
             best[side] = min(best.get(side, float("inf")), time.perf_counter() - t)
-    by_lang = {}
+    by_lang = Counter()
     for f in files:
-        by_lang[LANG_OF_EXT[f.suffix.lower()]] = by_lang.get(LANG_OF_EXT[f.suffix.lower()], 0) + f.stat().st_size / 1e6
+        by_lang[LANG_OF_EXT[f.suffix.lower()]] += f.stat().st_size / 1e6
     return best, meta, sum(len(t.encode()) for t in filtered) / 1e6, by_lang
 
 

@@ -582,7 +582,8 @@ def main(argv=None):
     import remote  # it builds on this module (as `ckpt`, whose CheckpointError it raises), so it comes last
     try:
         if a.cmd == "verify":
-            problems = verify(*((LOCAL, a.ckpt) if "://" not in a.ckpt else remote.connect(a.ckpt))[::-1])
+            fs, path = remote.locate(a.ckpt)
+            problems = verify(path, fs)
             print("\n".join(problems) if problems else f"{a.ckpt}: ok")
             return 1 if problems else 0
         print(remote.command(a))

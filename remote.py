@@ -50,6 +50,11 @@ def connect(url):
         raise CheckpointError(f"remote {url!r}: {_why(e)}; use s3://, gs://, az:// or file://") from None
 
 
+def locate(path):
+    """(filesystem, path) of a local dir or a URL: ckpt.py's ls and verify read either through the same calls."""
+    return connect(path) if "://" in path else (ckpt.LOCAL, path)
+
+
 def probe(url):
     """Write and delete one object under url, so wrong credentials or a missing bucket fail at startup."""
     fs, root = connect(url)
@@ -400,7 +405,7 @@ def table(fs, out_dir):
 def command(a):
     """ckpt.py ls, push, pull, pack, unpack from their parsed arguments. -> what to print"""
     if a.cmd == "ls":
-        return table(*((ckpt.LOCAL, a.out_dir) if "://" not in a.out_dir else connect(a.out_dir)))
+        return table(*locate(a.out_dir))
     if a.cmd == "push":
         return push(a.ckpt, a.url)
     if a.cmd == "pull":
