@@ -54,8 +54,9 @@ def test_json_keys_and_figures(tmp_path):
 
 def sim(tmp_path, *flags, world_size=4):
     d = model_dir(tmp_path / "m", width=512, layers=8, vocab=256, heads=8)  # a small vocab: little CE state
-    return plan.plan(["config/tiny.py", f"--init_from={d}", "--batch_size=2", "--block_size=1024",
-                      "--dtype=bfloat16", *flags], world_size, "h100", None)
+    # no prepared data: the README's train command leaves data/tiny (a 2,048-token vocabulary) in the checkout
+    return plan.plan(["config/tiny.py", f"--init_from={d}", f"--data_dir={tmp_path / 'no-data'}", "--batch_size=2",
+                      "--block_size=1024", "--dtype=bfloat16", *flags], world_size, "h100", None)
 
 
 @pytest.mark.slow
