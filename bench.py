@@ -21,6 +21,8 @@ Each measurement is a JSON object: name, ours, baseline, unit, ratio (ours / bas
   prepare  tokenizers' encode_batch over the same files (listed, read, decoded), without cleaning, dedup or writing,
            with as many threads as prepare.py has worker processes (1 and 2), each pair in a fresh process.
            The corpus is real: PREPARE_CORPUS, what `npm ci --prefix checkers` and `pip install` put on disk.
+           Beside it, in the same process: prepare.py with decontamination off (what decontamination costs), and
+           prepare.py reading the same documents from one parquet file with The Stack's columns.
   monitor  the same step loop with TensorBoard off and W&B disabled (metrics.jsonl is always written), logging
            every log_interval steps as train.py does; the median of on/off ratios of paired blocks.
 """
@@ -56,8 +58,11 @@ from model.parallel import apply_ac, apply_compile, build_model
 from train import DTYPES, Guard, adamw, load_config, train_step
 
 SCALER = torch.amp.GradScaler(enabled=False)  # no loss scaling on either side, fp16 included
-# real JavaScript, TypeScript, Markdown (the checkers' npm packages) and XML, JS, Markdown (installed Python packages)
-PREPARE_CORPUS = ["checkers/node_modules", sysconfig.get_paths()["purelib"]]
+SITE = sysconfig.get_paths()["purelib"]
+# real JavaScript, TypeScript, Markdown (the checkers' npm packages) and XML, SVG, Python and text (packages that
+# requirements.txt installs)
+PREPARE_CORPUS = ["checkers/node_modules", *(os.path.join(SITE, p) for p in ("lxml", "matplotlib", "werkzeug",
+                                                                             "jinja2"))]
 PREPARE_SMOKE = ["checkers/node_modules/micromark-core-commonmark"]  # 0.26 MB of the same
 GPU_TABLE = ["--model_preset=phi-2", "--block_size=2048", "--dtype=bfloat16", "--batch_size=1", "--grad_accum=1"]
 
@@ -286,13 +291,31 @@ def train_tokenizer(sources, out, vocab):
     return prepare(sources, out=out, train_tokenizer=vocab, quiet=True)["tokenizer"]
 
 
+def stack_parquet(files, path):
+    """The files' texts as one parquet file with The Stack's content, lang and path columns (UTF-8 files only)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.sources import LANG_OF_EXT
+    rows = []
+    for f in files:
+        try:
+            rows.append((f.read_bytes().decode("utf-8"), LANG_OF_EXT[f.suffix.lower()], str(f)))
+        except UnicodeDecodeError:
+            continue
+    pq.write_table(pa.table(dict(zip(("content", "lang", "path"), zip(*rows)))), path, row_group_size=256)
+    return path
+
+
 def prepare_pair(sources, tokenizer, out, workers, repeats):
     """In a fresh process whose tokenizers run `workers` threads (RAYON_NUM_THREADS): prepare.py end to end with
     `workers` processes, against encode_batch of the same files' text, and of the documents that pass the filters
-    (what prepare.py tokenizes), and listing and reading alone, alternating. -> best seconds of each, prepare.py's
-    meta, MB that pass the filters, MB per language."""
+    (what prepare.py tokenizes), listing and reading alone, prepare.py with decontamination off, and prepare.py from
+    a parquet file of the same files, alternating. -> best seconds of each, prepare.py's meta, MB that pass the
+    filters, MB per language."""
     from tokenizers import Tokenizer
 
+    from data import decontam
     from data.dedup import lsh_bands
     from data.prepare import NEAR_DEDUP, Filters, clean, load_tokenizer, prepare
     from data.sources import LANG_OF_EXT, parse_source, source_units
@@ -304,22 +327,31 @@ def prepare_pair(sources, tokenizer, out, workers, repeats):
     load_tokenizer(tokenizer), lsh_bands(NEAR_DEDUP)  # imports paid once per process (~2 s): not timed on either side
     filtered = [text for f in files if (text := clean(str(f), LANG_OF_EXT[f.suffix.lower()], f.read_bytes(),
                                                       Filters())[0]) is not None]
+    parquet = stack_parquet(files, out + ".parquet")
+    bench = decontam.load(list(decontam.DEFAULT))
+    sides = ("ours", "base", "filtered", "read", "nodecon", "parquet", "decon")
     best = {}
     for r in range(repeats):
-        for side in ("ours", "base", "filtered", "read") if r % 2 == 0 else ("read", "filtered", "base", "ours"):
-            if side == "ours":
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            if side in ("ours", "nodecon", "parquet"):
                 shutil.rmtree(out, ignore_errors=True)
             t = time.perf_counter()
-            if side == "ours":
-                meta = prepare(sources, out, tokenizer=tokenizer, workers=workers, quiet=True)
+            if side in ("ours", "nodecon", "parquet"):
+                got = prepare([parquet] if side == "parquet" else sources, out, tokenizer=tokenizer, workers=workers,
+                              quiet=True, decontaminate=["none"] if side == "nodecon" else None)
+                meta = got if side == "ours" else meta
             elif side == "base":  # from the same directories, as prepare.py starts: listing, reading, decoding
                 tok.encode_batch([f.read_bytes().decode("utf-8", errors="replace") for f in listing()],
                                  add_special_tokens=False)
             elif side == "filtered":
                 tok.encode_batch(filtered, add_special_tokens=False)
+            elif side == "decon":  # the check itself, on the documents prepare.py checks, in this one process
+                [decontam.overlaps(text.encode("utf-8"), bench) for text in filtered]
             else:  # what a second pass over the sources would cost: listing and reading them again
                 [f.read_bytes() for f in listing()]
             best[side] = min(best.get(side, float("inf")), time.perf_counter() - t)
+    shutil.rmtree(out, ignore_errors=True)
+    meta = prepare(sources, out, tokenizer=tokenizer, workers=workers, quiet=True)  # the loader's data, the default
     by_lang = Counter()
     for f in files:
         by_lang[LANG_OF_EXT[f.suffix.lower()]] += f.stat().st_size / 1e6
@@ -345,7 +377,7 @@ def bench_prepare(tmp, smoke, vocab):
             with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
                 out = os.path.join(tmp, f"data{workers}")
                 best, meta, filtered_mb, by_lang = ex.submit(prepare_pair, sources, tokenizer, out, workers,
-                                                             1 if smoke else 5).result()
+                                                             1 if smoke else 3).result()
         finally:
             if env is None:
                 del os.environ["RAYON_NUM_THREADS"]
@@ -355,12 +387,23 @@ def bench_prepare(tmp, smoke, vocab):
         rows.append(row(f"prepare/throughput_{workers}w", mb / best["ours"], mb / best["base"], "MB/s", "higher",
                         workers=workers, sources=sources, mb=mb, docs=sum(s["docs_read"] for s in meta["sources"]),
                         mb_by_lang={lang: round(v, 3) for lang, v in sorted(by_lang.items())},
-                        dropped=meta["filters"]["dropped"], vocab=meta["vocab_size"], best_of=1 if smoke else 5,
+                        dropped=meta["filters"]["dropped"], vocab=meta["vocab_size"], best_of=1 if smoke else 3,
                         baseline_is="encode_batch of every file, listing the directories and reading included",
                         seconds=best["ours"], baseline_seconds=best["base"],
                         # stricter: encode_batch of only the documents that pass the filters, which prepare.py tokenizes
                         filtered_mb=filtered_mb, filtered_seconds=best["filtered"],
                         strict_ratio=best["filtered"] / best["ours"], read_seconds=best["read"]))
+        # what decontamination costs: prepare.py's time with it (its default) over its time without, and the check
+        # alone over the same documents (one process: its share of the workers' time is this over prepare's x workers)
+        rows.append(row(f"prepare/decontamination_{workers}w", best["ours"], best["nodecon"], "s", "lower",
+                        workers=workers, share_of_prepare=(best["ours"] - best["nodecon"]) / best["ours"],
+                        check_seconds=best["decon"], check_share=best["decon"] / (best["ours"] * workers),
+                        contaminated=meta["contaminated"], benchmarks=meta["decontamination"]["benchmarks"],
+                        baseline_is="prepare.py with --decontaminate=none"))
+        # the same documents from one parquet file (The Stack's columns) against the directories
+        rows.append(row(f"prepare/parquet_{workers}w", mb / best["parquet"], mb / best["ours"], "MB/s", "higher",
+                        workers=workers, mb=mb, seconds=best["parquet"], baseline_seconds=best["ours"],
+                        baseline_is="prepare.py on the directories the parquet file was written from"))
     return rows, os.path.join(tmp, "data1")
 
 

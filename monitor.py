@@ -134,6 +134,14 @@ def _one_line(e):
     return f"{type(e).__name__}: {text[:300]}"
 
 
+def _count(n):
+    """12,345,678 -> '12.3M': token counts on a step line."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
 def _gib(n):
     return n / 2**30
 
@@ -258,7 +266,8 @@ class Monitor:
                 self.wandb = None
 
     def log_step(self, step, metrics, model=None):
-        """metrics from train.py: loss, lr, grad_norm, tokens (global, this step), dt (s), data_wait (s)."""
+        """metrics from train.py: loss, lr, grad_norm, tokens (global, this step), tokens_seen (global, so far),
+        epochs/<lang> (epochs of each language's train stream so far), dt (s), data_wait (s)."""
         if not self.active:
             return
         m = {k: (v if v is None or isinstance(v, int) else float(v)) for k, v in metrics.items()}
@@ -301,6 +310,11 @@ class Monitor:
             line += f" | {m['tflops']:.3g} TFLOP/s"
         if m.get("mfu") is not None:
             line += f" | mfu {m['mfu']:.1f}%"
+        if m.get("tokens_seen") is not None:
+            line += f" | {_count(m['tokens_seen'])} tok seen"
+        epochs = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("epochs/")}
+        if epochs:
+            line += " | epochs " + " ".join(f"{lang} {v:.3g}" for lang, v in epochs.items())
         if self.cuda:
             line += f" | mem {m['mem/peak_gib']:.1f}GiB"
         print(line, flush=True)
@@ -406,6 +420,8 @@ def summarize(out_dir, info, config, wall_time_s, run_id, device_name):
         "stop_reason": info.get("stop_reason"),
         "steps": info.get("steps", steps[-1]["step"] if steps else 0),
         "tokens": info.get("tokens", sum(r.get("tokens") or 0 for r in steps)),
+        "epochs": info.get("epochs") or {k.split("/", 1)[1]: v for k, v in (steps[-1] if steps else {}).items()
+                                         if k.startswith("epochs/")},  # of each language's train stream
         "wall_time_s": info.get("wall_time_s", wall_time_s),  # train.py may add up resumed sessions
         "device": device_name,
         "final_loss": steps[-1]["loss"] if steps else None,
@@ -430,6 +446,7 @@ def summary_md(s):
         ("stop reason", s["stop_reason"] or "n/a"),
         ("steps", _fmt(s["steps"])),
         ("tokens", _fmt(s["tokens"])),
+        ("epochs of each train stream", ", ".join(f"{lang} {_fmt(v)}" for lang, v in s["epochs"].items()) or "n/a"),
         ("wall time (s)", _fmt(s["wall_time_s"])),
         ("device", s["device"]),
         ("final train loss", _fmt(s["final_loss"])),

@@ -24,11 +24,12 @@ from transformers import AutoTokenizer
 import ckpt
 import config
 import remote
+from data.fim import check_rates
 from data.loader import DataError, TokenLoader, read_meta
 from evals.domain import quick_domain_metrics
 from evals.loss import lang_metrics, val_sets
 from model.export import export
-from model.parallel import build_model
+from model.parallel import build_model, largest_micro_batch
 from model.phi import ModelLoadError
 from monitor import Monitor, flops_per_token
 
@@ -40,12 +41,15 @@ class Config:
     data_dir: str = "data/tiny"           # output of data/prepare.py: meta.json + {split}_{lang}.bin
     synthetic_docs: int = 0               # >0: prepare this many synthetic documents in data_dir if it is empty
     tokenizer_vocab: int = 2048           # BPE vocabulary trained for the synthetic corpus
-    mixture: dict = field(default_factory=dict)  # language weights, e.g. {"xml": 0.4, "js": 0.4}; {} = by token count
+    mixture: dict = field(default_factory=dict)  # language weights, e.g. {"xml": 0.4, "py": 0.1}; {} = by token count
+    fim_rate: float = 0.0                 # fraction of documents rearranged for fill-in-the-middle (StarCoder: 0.5)
+    fim_spm_rate: float = 0.5             # of those, the fraction in suffix-prefix-middle order (StarCoder: 0.5)
     init_from: str = "scratch"            # "scratch", or a local HF directory such as a phi-2 download
     model_preset: str = "tiny"            # PhiConfig preset when init_from="scratch"
     resume: str = "auto"                  # "auto": newest verified checkpoint in out_dir; "never"; or a checkpoint path
     # schedule
-    max_iters: int = 1000                 # optimizer steps
+    max_iters: int = 0                    # optimizer steps; 0: from train_tokens (set exactly one of the two)
+    train_tokens: float = 0.0             # token budget, e.g. 500e9: max_iters = train_tokens / tokens per step
     eval_interval: int = 100              # steps between evals; early stopping decides at each eval
     eval_iters: int = 8                   # val batches per language per eval
     eval_domain_prompts: int = 0          # >0: also score XML/MDX/JS validity of greedy completions (domain_valid...)
@@ -123,6 +127,10 @@ def load_config(args):
     cfg = config.load(Config, args, choices=CHOICES, positive=POSITIVE)
     if not 0 <= cfg.wsd_decay_frac <= 1:
         raise ValueError(f"config key 'wsd_decay_frac' must be in [0, 1], got {cfg.wsd_decay_frac}")
+    check_rates(cfg.fim_rate, cfg.fim_spm_rate)
+    if (cfg.max_iters > 0) == (cfg.train_tokens > 0):
+        raise ValueError(f"set exactly one of max_iters (steps) and train_tokens (a token budget), got max_iters="
+                         f"{cfg.max_iters} and train_tokens={cfg.train_tokens:g}: --max_iters=0 trains by tokens")
     return cfg
 
 
@@ -225,29 +233,6 @@ def adamw(model, cfg):
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     # fused: one kernel per step on CUDA, and on the CPU too (1.5 ms against 5 ms foreach for the tiny model)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
-
-
-def find_batch_size(model, cfg, vocab_size, device, ctx):
-    """Largest micro-batch whose forward+backward fits, by halving on out-of-memory; agreed on by all ranks."""
-    bs = cfg.batch_size
-    while True:
-        try:
-            if cfg.fault_oom_above and bs > cfg.fault_oom_above:
-                raise torch.OutOfMemoryError(f"fault_oom_above={cfg.fault_oom_above}")
-            x = torch.randint(0, vocab_size, (bs, cfg.block_size), device=device)
-            with ctx:
-                _, loss = model(x, x)
-            loss.backward()
-            ok = torch.ones(1, device=device)
-        except torch.OutOfMemoryError:
-            ok = torch.zeros(1, device=device)
-        model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        if dist.is_initialized():
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() or bs == 1:
-            return bs
-        bs //= 2
 
 
 # -- one run, piece by piece ----------------------------------------------------------------------------------------
@@ -371,18 +356,25 @@ def main(args):
     ctx = torch.autocast(device.type, dtype=ptdtype) if amp else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     if cfg.auto_batch_size:
-        bs = find_batch_size(model, cfg, meta["vocab_size"], device, ctx)
+        bs = largest_micro_batch(model, cfg.batch_size, cfg.block_size, meta["vocab_size"], device, ctx,
+                                 cfg.fault_oom_above)
         cfg.grad_accum, cfg.batch_size = cfg.grad_accum * cfg.batch_size // bs, bs
-    if master:  # the batch size is final now
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world_size
+    if cfg.train_tokens:  # the token budget sets the steps, and so the LR schedule's horizon
+        cfg.max_iters = math.ceil(cfg.train_tokens / tokens_per_step)
+    if master:  # the batch size and the steps are final now
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     optimizer = adamw(model, cfg)
     loader = TokenLoader(cfg.data_dir, cfg.batch_size, cfg.block_size, rank=rank, world_size=world_size,
-                         mixture=cfg.mixture or None, seed=cfg.seed, device=device)
+                         mixture=cfg.mixture or None, seed=cfg.seed, device=device, fim_rate=cfg.fim_rate,
+                         fim_spm_rate=cfg.fim_spm_rate)
     val = val_sets(cfg.data_dir, meta["langs"], cfg.batch_size, cfg.block_size, cfg.eval_iters, rank, world_size,
                    device)
+    val_fim = val_sets(cfg.data_dir, meta["langs"], cfg.batch_size, cfg.block_size, cfg.eval_iters, rank, world_size,
+                       device, cfg.fim_spm_rate) if cfg.fim_rate else {}  # every document rearranged: val_loss_fim
 
     # -- resume: weights, optimizer, data position, RNG and early-stopping state
     p, run_id = Progress(), None
@@ -417,12 +409,12 @@ def main(args):
     stop_reason, metrics, saved = None, {}, []
     resumed_at = p.step if path else -1  # that step's eval and checkpoint are already done
     attempt = p.step  # counts skipped and rolled-back steps too, never goes back
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world_size
     step_time = data_wait = timed = 0  # accumulated between step lines, excluding evals and checkpoints
     while True:
         at_end = p.step == cfg.max_iters
         if p.step != resumed_at and (p.step % cfg.eval_interval == 0 or at_end):
             metrics = lang_metrics(model, val, ctx)  # per-language val loss, perplexity, accuracy (validate.py's ppl)
+            metrics |= lang_metrics(model, val_fim, ctx, suffix="_fim") if val_fim else {}
             if cfg.eval_domain_prompts:  # + XML/MDX/JS validity of greedy completions, as validate.py scores it
                 metrics |= quick_domain_metrics(model, tokenizer, cfg.eval_domain_prompts, cfg.eval_domain_tokens,
                                                 data_dir=cfg.data_dir, ctx=ctx)
@@ -467,7 +459,8 @@ def main(args):
             stop_reason = f"signal {signal.Signals(signalled[0]).name}" if signalled else "signal on another rank"
         if verdict is None and (p.step % cfg.log_interval == 0 or p.step == 1):
             monitor.log_step(p.step, dict(loss=loss, lr=lr, grad_norm=gnorm, tokens=tokens_per_step,
-                                          dt=step_time / timed, data_wait=data_wait / timed), model=model)
+                                          tokens_seen=p.tokens, dt=step_time / timed, data_wait=data_wait / timed,
+                                          **{f"epochs/{k}": v for k, v in loader.epochs().items()}), model=model)
             step_time = data_wait = timed = 0
 
     # -- the end: export the best checkpoint for HF, write the summary
@@ -482,8 +475,8 @@ def main(args):
         best = remote.complete(mirror, best) if mirror else best  # nodes without a shared disk hold part of it
         export_path = export(best, os.path.join(cfg.out_dir, "best"))
     monitor.finish(dict(stop_reason=stop_reason, best_metric=p.early_stop.best, best_step=p.early_stop.best_step,
-                        steps=p.step, tokens=p.tokens, best_metric_name=cfg.early_stop_metric, checkpoints=saved,
-                        export_path=export_path, final_eval=metrics))
+                        steps=p.step, tokens=p.tokens, epochs=loader.epochs(), best_metric_name=cfg.early_stop_metric,
+                        checkpoints=saved, export_path=export_path, final_eval=metrics))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

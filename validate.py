@@ -8,10 +8,12 @@ Usage:
       --truthfulqa mc_task.json --limit 50
   python validate.py --samples out/validate/samples.jsonl --tasks js-exec humaneval   # no model needed
 
-Tasks: ppl xml mdx js js-exec humaneval mbpp mmlu truthfulqa codebleu (default: all whose inputs are present).
+Tasks: ppl xml mdx js fim js-exec humaneval mbpp mmlu truthfulqa codebleu (default: all whose inputs are present).
 Each is one file in evals/, shared with train.py's in-loop eval: ppl is the val loss, perplexity and
 accuracy per language that train.py logs, on the same batches when the checkpoint says how it was trained;
-xml/mdx/js report valid_rate (the whole document parses) and prefix_valid_rate (no error before the end).
+xml/mdx/js report valid_rate (the whole document parses) and prefix_valid_rate (no error before the end);
+fim cuts a line and a block out of val documents and scores the infilled middle (exact match, validity)
+beside what the model writes left to right after the prefix alone.
 A run dir means its newest checkpoint that verifies, as resume=auto picks it.
 Writes {out}/report.json, {out}/report.md and {out}/samples.jsonl: every prompt, completion and
 verdict, which --samples scores again, e.g. on a safer machine than the one that generated it.
@@ -35,14 +37,15 @@ import ckpt
 from checkers import execute
 from checkers.syntax import mdx_exact, node_available
 from data.loader import DataError
-from evals import EvalError, codebleu, domain, humaneval, js_exec, loss, mbpp, mmlu, truthfulqa
+from evals import EvalError, codebleu, domain, fim, humaneval, js_exec, loss, mbpp, mmlu, truthfulqa
 from evals.sampling import Run, Settings
 from model.phi import ModelLoadError, Phi
 
 TASKS = {"ppl": loss.evaluate, "xml": lambda r: domain.evaluate(r, "xml"), "mdx": lambda r: domain.evaluate(r, "mdx"),
-         "js": lambda r: domain.evaluate(r, "js"), "js-exec": js_exec.evaluate, "humaneval": humaneval.evaluate,
+         "js": lambda r: domain.evaluate(r, "js"), "fim": fim.evaluate, "js-exec": js_exec.evaluate,
+         "humaneval": humaneval.evaluate,
          "mbpp": mbpp.evaluate, "mmlu": mmlu.evaluate, "truthfulqa": truthfulqa.evaluate, "codebleu": codebleu.evaluate}
-NEED_MODEL = ("ppl", "mmlu", "truthfulqa")  # scored by likelihoods, so --samples cannot stand in
+NEED_MODEL = ("ppl", "fim", "mmlu", "truthfulqa")  # likelihoods, or prompts cut from val data: no --samples
 
 
 # -----------------------------------------------------------------------------
@@ -88,7 +91,7 @@ def unavailable(s, has_model):
         if not getattr(s, task):
             why[task] = f"needs {flag}"
     if not s.data_dir:
-        why["ppl"] = "needs held-out data: pass --data-dir or a training checkpoint"
+        why["ppl"] = why["fim"] = "needs held-out data: pass --data-dir or a training checkpoint"
         if has_model:  # from --samples, codebleu has its references
             why["codebleu"] = why["ppl"]
     if not has_model:

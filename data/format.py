@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = "2"  # 2: near-dedup and shards
+VERSION = "3"  # 2: near-dedup and shards; 3: py and txt, decontamination, FIM sentinels
 
 
 class DataError(ValueError):
@@ -23,7 +23,7 @@ class DataError(ValueError):
 
 
 POS_BITS = 40  # a document's position: source index << POS_BITS | its index in the source (file, line, doc)
-LANGS = ["js", "md", "mdx", "ts", "xml"]  # a shard's document table stores a language as its index here
+LANGS = ["js", "md", "mdx", "py", "ts", "txt", "xml"]  # a shard's document table stores a language as its index here
 
 
 def shard_meta_name(i):

@@ -2,10 +2,11 @@
 
     from data.loader import TokenLoader, read_meta, val_batches
     loader = TokenLoader("data/tiny", batch_size=8, block_size=128, rank=r, world_size=w,
-                         mixture={"xml": 0.4, "mdx": 0.2, "js": 0.4}, seed=0, device="cuda")
+                         mixture={"xml": 0.4, "mdx": 0.2, "js": 0.4}, seed=0, device="cuda", fim_rate=0.5)
     x, y = loader.next_batch()               # (B, T) int64 each; y is x shifted by one token
     state = loader.state_dict()              # plain ints/strings/lists, safe for JSON
     loader.load_state_dict(state)            # exact resume, also under another world size
+    loader.epochs()                          # {lang: epochs of its train stream consumed so far}
 
 Global sequence i is a pure function of (data, seed, mixture, block_size, i):
 - its language comes from a fixed, seeded pattern of PATTERN_LEN slots holding each language in
@@ -15,14 +16,17 @@ Global sequence i is a pure function of (data, seed, mixture, block_size, i):
   epochs cut the stream at different places): no chunk repeats within an epoch.
 One next_batch() consumes batch_size * world_size global sequences and rank r takes the
 contiguous slice [r*B, (r+1)*B). Ranks are therefore disjoint, and 2 ranks x B=2 see exactly
-what 1 rank x B=4 (or 1 rank x B=2 x 2 accumulation steps) sees.
+what 1 rank x B=4 (or 1 rank x B=2 x 2 accumulation steps) sees. With fim_rate > 0, sequence i's
+documents are rearranged by data/fim.py with a generator seeded by (seed, i): still a pure function.
 """
 import numpy as np
 import torch
 
+from data.fim import permute, sentinel_ids
 from data.format import DataError, open_tokens, read_meta
 
 PATTERN_LEN = 1000  # sequences per mixture cycle; weights are honoured to 1/PATTERN_LEN
+FIM_SEED = 0xF1F1  # streams of FIM draws: the loader's are (seed, FIM_SEED, i), the val sets' (FIM_SEED, row)
 
 
 def _mix(data_dir, meta, mixture):
@@ -61,13 +65,16 @@ def _pattern(weights, seed):
 
 
 class TokenLoader:
-    def __init__(self, data_dir, batch_size, block_size, rank=0, world_size=1, mixture=None, seed=0, device="cpu"):
+    def __init__(self, data_dir, batch_size, block_size, rank=0, world_size=1, mixture=None, seed=0, device="cpu",
+                 fim_rate=0.0, fim_spm_rate=0.5):
         self.data_dir, self.batch_size, self.block_size = str(data_dir), int(batch_size), int(block_size)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.device = torch.device(device)
         if not 0 <= self.rank < self.world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
         self.meta = read_meta(data_dir)
+        self.fim = [float(fim_rate), float(fim_spm_rate)]
+        self.fim_ids = sentinel_ids(self.meta, data_dir) if fim_rate > 0 else None
         self.weights = _mix(data_dir, self.meta, mixture)
         self.data = {}
         for lang, _ in self.weights:
@@ -107,7 +114,17 @@ class TokenLoader:
         lang_i = int(self.slots[slot])
         k = cycle * int(self.per_cycle[lang_i]) + int(self.slot_rank[slot])
         off = self._offset(lang_i, k)
-        return self.weights[lang_i][0], self.data[self.weights[lang_i][0]][off:off + self.block_size + 1]
+        seq = self.data[self.weights[lang_i][0]][off:off + self.block_size + 1]
+        if self.fim_ids:
+            rng = np.random.default_rng([self.seed, FIM_SEED, i])
+            seq = permute(np.asarray(seq), self.fim_ids, self.meta["eos_id"], rng, *self.fim)
+        return self.weights[lang_i][0], seq
+
+    def epochs(self):
+        """{lang: epochs of its train stream consumed by the global sequences before self.index}."""
+        cycles, slot = divmod(self.index, PATTERN_LEN)
+        seen = cycles * self.per_cycle + np.bincount(self.slots[:slot], minlength=len(self.weights))
+        return {lang: int(seen[j]) / self._chunks(lang) for j, (lang, _) in enumerate(self.weights)}
 
     def next_batch(self):
         start = self.index + self.rank * self.batch_size
@@ -123,7 +140,7 @@ class TokenLoader:
     def state_dict(self):
         return {"index": self.index, "seed": self.seed, "block_size": self.block_size,
                 "batch_size": self.batch_size, "world_size": self.world_size,
-                "mixture": [[lang, w] for lang, w in self.weights],
+                "mixture": [[lang, w] for lang, w in self.weights], "fim": self.fim,
                 "tokens": [[lang, len(self.data[lang])] for lang, _ in self.weights]}
 
     def load_state_dict(self, state):
@@ -135,6 +152,8 @@ class TokenLoader:
                    if key in state and state[key] != getattr(self, key)]
         if "mixture" in state and [list(x) for x in state["mixture"]] != [[lang, w] for lang, w in self.weights]:
             changed.append("mixture")
+        if state.get("fim", [0.0, 0.5]) != self.fim:  # checkpoints from before FIM trained without it
+            changed.append(f"fim_rate, fim_spm_rate {state.get('fim', [0.0, 0.5])} -> {self.fim}")
         if "tokens" in state and ([list(x) for x in state["tokens"]]
                                   != [[lang, len(self.data[lang])] for lang, _ in self.weights]):
             changed.append("data")
@@ -143,9 +162,10 @@ class TokenLoader:
             print(f"loader: resuming at global sequence {self.index} with {', '.join(changed)}")
 
 
-def val_batches(data_dir, lang, batch_size, block_size, n_batches, device="cpu"):
+def val_batches(data_dir, lang, batch_size, block_size, n_batches, device="cpu", fim_spm_rate=None):
     """n_batches fixed (x, y) batches from val_{lang}.bin, evenly spread over the stream (overlapping
-    when it is short). [] with a warning when the language has less than one sequence of val data."""
+    when it is short). [] with a warning when the language has less than one sequence of val data.
+    With fim_spm_rate, every document of them rearranged for FIM (data/fim.py), by a fixed seed."""
     meta = read_meta(data_dir)
     tokens = open_tokens(data_dir, meta, "val", lang)
     if len(tokens) < block_size + 1:
@@ -155,5 +175,9 @@ def val_batches(data_dir, lang, batch_size, block_size, n_batches, device="cpu")
     n = batch_size * n_batches
     offsets = np.linspace(0, len(tokens) - block_size - 1, n).astype(np.int64)
     buf = np.stack([np.asarray(tokens[o:o + block_size + 1], dtype=np.int64) for o in offsets])
+    if fim_spm_rate is not None:
+        ids = sentinel_ids(meta, data_dir)
+        buf = np.stack([permute(row, ids, meta["eos_id"], np.random.default_rng([FIM_SEED, r]), 1.0, fim_spm_rate)
+                        for r, row in enumerate(buf)])
     x, y = torch.from_numpy(buf[:, :-1].copy()).to(device), torch.from_numpy(buf[:, 1:].copy()).to(device)
     return [(x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.decontam import PATHS_KEPT
 from data.dedup import later_copies
 from data.format import (LANGS, POS_BITS, VERSION, DataError, docs_table_name, missing_shard_error, missing_shards,
                          open_tokens, read_meta, shard_meta_name)
@@ -102,10 +103,14 @@ def merge(out):
     sources = [{"docs_read": sum(m["sources"][s]["docs_read"] for m in metas),
                 "docs_kept": int((keep & (source == s)).sum())} for s in range(len(metas[0]["sources"]))]
     first, mb, seconds = metas[0], sum(m["mb_read"] for m in metas), sum(m["seconds"] for m in metas)
+    contaminated = {name: {"docs": sum(m["contaminated"][name]["docs"] for m in metas),
+                           "paths": [p for m in metas for p in m["contaminated"][name]["paths"]][:PATHS_KEPT]}
+                    for name in first["contaminated"]}
     meta = {"version": VERSION, "fingerprint": fingerprint, "vocab_size": first["vocab_size"],
             "eos_id": first["eos_id"], "dtype": first["dtype"], "langs": langs, "tokenizer": first["tokenizer"],
             "tokenizer_hash": first["tokenizer_hash"], "files": files, "stats": stats,
             "val_fraction": first["val_fraction"], "near_dedup": first["near_dedup"],
+            "decontamination": first["decontamination"], "contaminated": contaminated, "fim": first["fim"],
             "filters": {"params": first["filters"]["params"], "dropped": dropped,
                         "normalised": {k: sum(m["filters"]["normalised"][k] for m in metas) for k in ("bom", "crlf")}},
             "sources": sources, "seconds": round(seconds, 2), "mb_read": round(mb, 3),

@@ -6,7 +6,6 @@ run a trivial program, execute.SandboxError stops the evaluation instead of scor
 import math
 
 from checkers import execute
-from evals.sampling import samples_for
 
 
 def pass_at_k(n, c, k):
@@ -33,6 +32,7 @@ def pass_rates(rows):
 
 def score(run, task, problems, runner, timeout):
     """problems: [(task_id, prompt, stop, program(completion) -> str)]; runs every sample in a sandbox."""
+    from evals.sampling import samples_for  # torch: imported here, so data/decontam.py reads problems without it
     execute.check_sandbox(runner)  # runner does too, but only after generation: fail before spending it
     by_stop = {}
     for tid, prompt, stop, _ in problems:  # one generate() call per distinct stop list

@@ -21,19 +21,22 @@ def perplexity(loss):
     return math.exp(min(loss, 50.0))
 
 
-def val_sets(data_dir, langs, batch_size, block_size, eval_iters, rank=0, world_size=1, device="cpu"):
+def val_sets(data_dir, langs, batch_size, block_size, eval_iters, rank=0, world_size=1, device="cpu",
+             fim_spm_rate=None):
     """{lang: this rank's share of the fixed val batches}. eval_iters rounds up to a multiple of world_size,
-    and ranks take every world_size-th batch; languages without val data are left out."""
+    and ranks take every world_size-th batch; languages without val data are left out. With fim_spm_rate:
+    the same batches with every document rearranged for fill-in-the-middle (val_batches)."""
     n = -(-eval_iters // world_size) * world_size
-    val = {lang: val_batches(data_dir, lang, batch_size, block_size, n, device)[rank::world_size] for lang in langs}
+    val = {lang: val_batches(data_dir, lang, batch_size, block_size, n, device, fim_spm_rate)[rank::world_size]
+           for lang in langs}
     return {lang: batches for lang, batches in val.items() if batches}
 
 
 @torch.no_grad()
-def lang_metrics(model, val, ctx=nullcontext()):
+def lang_metrics(model, val, ctx=nullcontext(), suffix=""):
     """val_loss/<lang>, val_ppl/<lang>, val_acc/<lang> and the token-weighted val_loss, val_ppl over all
-    languages, for {lang: [(x, y)]}. Sums are all-reduced when a process group exists, so every rank
-    gets the numbers of all ranks' batches."""
+    languages, for {lang: [(x, y)]}; suffix "_fim" names them val_loss_fim/<lang>, ... Sums are all-reduced
+    when a process group exists, so every rank gets the numbers of all ranks' batches."""
     was_training = model.training
     model.eval()
     device = next(iter(val.values()))[0][0].device
@@ -51,12 +54,12 @@ def lang_metrics(model, val, ctx=nullcontext()):
         if dist.is_initialized():
             dist.all_reduce(s)
         loss_sum, correct, n = s.tolist()
-        out[f"val_loss/{lang}"] = loss_sum / n
-        out[f"val_ppl/{lang}"] = perplexity(loss_sum / n)
-        out[f"val_acc/{lang}"] = correct / n
+        out[f"val_loss{suffix}/{lang}"] = loss_sum / n
+        out[f"val_ppl{suffix}/{lang}"] = perplexity(loss_sum / n)
+        out[f"val_acc{suffix}/{lang}"] = correct / n
         total += s[[0, 2]]
-    out["val_loss"] = (total[0] / total[1]).item()
-    out["val_ppl"] = perplexity(out["val_loss"])
+    out[f"val_loss{suffix}"] = (total[0] / total[1]).item()
+    out[f"val_ppl{suffix}"] = perplexity(out[f"val_loss{suffix}"])
     model.train(was_training)
     return out
 
@@ -64,7 +67,8 @@ def lang_metrics(model, val, ctx=nullcontext()):
 def evaluate(run):
     """validate.py's `ppl` task: lang_metrics on the val split. A training checkpoint is scored on the batches its
     run's eval used (batch_size, block_size, eval_iters and world size from its config), so the numbers equal
-    what train.py logged; other models on 4-row batches of up to 1024 tokens (fewer when a val split is small)."""
+    what train.py logged; other models on 4-row batches of up to 1024 tokens (fewer when a val split is small).
+    With the FIM sentinels in the data, also val_loss_fim: the same batches with every document rearranged."""
     from transformers import AutoTokenizer
     s, model, trained = run.settings, run.model, run.train_config
     meta = read_meta(s.data_dir)
@@ -73,17 +77,23 @@ def evaluate(run):
         return {"skipped": f"{s.data_dir} was tokenized with another tokenizer than the model's"}, []
     batch, iters, world = trained.get("batch_size", 4), s.limit or trained.get("eval_iters", 20), run.train_world_size
     device = model.lm_head.weight.device
-    val = {}
+    # val_loss_fim too where the data has the sentinels: a FIM run logged it, and its fim_rate=0 twin is compared on it
+    fim = trained.get("fim_spm_rate", 0.5) if meta.get("fim") else None
+    val, val_fim = {}, {}
     for lang in tqdm(meta["langs"], desc="ppl", leave=False):
         n_val = meta["files"][f"val_{lang}"]["tokens"]
         block = trained.get("block_size") or min(model.cfg.max_position_embeddings, 1024, n_val - 1)
         if block < 1:
             continue
-        # all ranks' batches, read once, in rank order, so the sums add up as train.py's all-reduce does
-        batches = val_sets(s.data_dir, [lang], batch, block, -(-iters // world) * world, device=device).get(lang, [])
-        val[lang] = [b for r in range(world) for b in batches[r::world]]
-    val = {lang: b for lang, b in val.items() if b}
-    return (lang_metrics(model, val) if val else {"skipped": f"no val data in {s.data_dir}"}), []
+        for spm, into in ((None, val), (fim, val_fim)) if fim is not None else ((None, val),):
+            # all ranks' batches, read once, in rank order, so the sums add up as train.py's all-reduce does
+            batches = val_sets(s.data_dir, [lang], batch, block, -(-iters // world) * world, device=device,
+                               fim_spm_rate=spm).get(lang, [])
+            into[lang] = [b for r in range(world) for b in batches[r::world]]
+    val, val_fim = ({lang: b for lang, b in v.items() if b} for v in (val, val_fim))
+    if not val:
+        return {"skipped": f"no val data in {s.data_dir}"}, []
+    return lang_metrics(model, val) | (lang_metrics(model, val_fim, suffix="_fim") if val_fim else {}), []
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ expansion and RoPE scaling; then one function per parallelism technique, applied
 (activation checkpointing, compile per block, FSDP2 per block and on the root) to a model built on meta.
 
     model, model_cfg, sharded = build_model(cfg, vocab_size, rank, world_size, device, param_dtype)
+    bs = largest_micro_batch(model, cfg.batch_size, cfg.block_size, vocab_size, device, ctx)   # auto_batch_size
 
 train.py's Config decides every setting used here. plan.py builds through scratch_config(), shape() and
 parallel_model() too, so a change here changes the plan.
@@ -11,6 +12,7 @@ import json
 import os
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -114,3 +116,27 @@ def build_model(cfg, vocab_size, rank, world_size, device, param_dtype):
         model.load_state_dict(state)
     model.init_rope()
     return model, mcfg, sharded
+
+
+def largest_micro_batch(model, batch_size, block_size, vocab_size, device, ctx, fault_oom_above=0):
+    """The largest micro-batch up to batch_size whose forward and backward fit, by halving on out-of-memory;
+    agreed on by all ranks. fault_oom_above > 0 (a test hook) makes larger ones fail as if out of memory."""
+    bs = batch_size
+    while True:
+        try:
+            if fault_oom_above and bs > fault_oom_above:
+                raise torch.OutOfMemoryError(f"fault_oom_above={fault_oom_above}")
+            x = torch.randint(0, vocab_size, (bs, block_size), device=device)
+            with ctx:
+                _, loss = model(x, x)
+            loss.backward()
+            ok = torch.ones(1, device=device)
+        except torch.OutOfMemoryError:
+            ok = torch.zeros(1, device=device)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        if dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() or bs == 1:
+            return bs
+        bs //= 2

@@ -11,7 +11,8 @@ from helpers import ROOT
 
 pytestmark = pytest.mark.slow  # bench.py subprocesses
 EXPECTED = {"train/step_time", "train/tokens_per_s", "train/peak_memory", "ckpt/save", "ckpt/load", "ckpt/writer",
-            "prepare/throughput_1w", "prepare/throughput_2w",
+            "prepare/throughput_1w", "prepare/throughput_2w", "prepare/decontamination_1w", "prepare/decontamination_2w",
+            "prepare/parquet_1w", "prepare/parquet_2w",
             "loader/batches_per_s", "monitor/step_time", "monitor/sink_cpu"} | \
     {f"archive/{what}/{fmt}" for what in ("tiny", "phi2_bf16") for fmt in ("zst", "gz", "bz2", "xz")}
 
@@ -43,6 +44,9 @@ def test_smoke_writes_every_measurement(tmp_path):
         d = rows[f"prepare/throughput_{w}w"]["details"]  # mb: meta.json's mb_read, to 3 decimals
         assert d["workers"] == w and 0 < d["filtered_mb"] <= d["mb"] + 1e-3 and 0 < d["read_seconds"] < d["seconds"]
         assert abs(d["strict_ratio"] - d["filtered_seconds"] / d["seconds"]) < 1e-9
+        decon = rows[f"prepare/decontamination_{w}w"]["details"]  # the check alone, and its share of prepare.py's time
+        assert 0 < decon["check_seconds"] < d["seconds"] * w and decon["benchmarks"]["humaneval"]["texts"] == 328
+        assert rows[f"prepare/parquet_{w}w"]["details"]["mb"] == d["mb"]  # the same documents, from parquet
     for fmt in ("zst", "gz", "bz2", "xz"):  # every format compresses, and its archive unpacked and verified
         assert rows[f"archive/tiny/{fmt}"]["details"]["compression_ratio"] > 1
         assert rows[f"archive/phi2_bf16/{fmt}"]["details"]["unpack_mb_per_s"] > 0

@@ -163,7 +163,8 @@ def test_two_ranks_train_on_shards_and_resume_exactly(corpus, tmp_path):
     out = tmp_path / "n3"
     for i in range(3):
         shard(corpus, out, i)
-    run = [*QUICK, f"--data_dir={out}", "--batch_size=2", "--max_iters=6", "--eval_interval=3", "--ckpt_interval=3"]
+    run = [*QUICK, f"--data_dir={out}", "--batch_size=2", "--max_iters=6", "--eval_interval=3", "--ckpt_interval=3",
+           "--fim_rate=0.5"]
     ref = tmp_path / "ref"
     run_train([*run, f"--out_dir={ref}"], nproc=2)
     resumed = tmp_path / "resumed"

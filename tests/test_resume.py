@@ -20,8 +20,9 @@ from model.export import load_for_inference
 
 pytestmark = pytest.mark.slow  # every test runs train.py, most under torchrun
 STEPS = 12
-# every step logged, evals and checkpoints every 4 steps: checkpoints at 4, 8, 12
-SCHEDULE = [f"--max_iters={STEPS}", "--eval_interval=4", "--ckpt_interval=4"]
+# every step logged, evals and checkpoints every 4 steps: checkpoints at 4, 8, 12; half the documents rearranged for
+# fill-in-the-middle (data/fim.py), which must resume as exactly as the rest
+SCHEDULE = [f"--max_iters={STEPS}", "--eval_interval=4", "--ckpt_interval=4", "--fim_rate=0.5"]
 TMP_RE = re.compile(r"^step-(\d+)\.tmp$")  # a checkpoint being written
 TWO = ["--batch_size=2"]  # 2 ranks x 2 == 1 rank x 4 (QUICK): the same global batch
 

@@ -29,6 +29,7 @@ def test_phi2_configs_resolve():
     one = train.load_config(["config/phi2_xml_1gpu.py"])
     assert (big.expand_layers, big.block_size, big.learning_rate, big.warmup_iters) == (5, 32768, 1e-4, 1000)
     assert big.batch_size * big.grad_accum * 8 == one.batch_size * one.grad_accum  # same global batch
+    assert (big.train_tokens, big.max_iters, big.fim_rate) == (500e9, 0, 0.5) and set(big.mixture) >= {"py", "txt"}
 
 
 @pytest.mark.slow
@@ -41,6 +42,11 @@ def test_phi2_configs_resolve():
     (["config/tiny.py", "--batch_size=0"], "config key 'batch_size' must be > 0, got 0"),
     (["config/tiny.py", "--fsdp=zero3"],
      "config key 'fsdp' must be one of full_shard, shard_grad_op, hybrid, none, got 'zero3'"),
+    (["config/tiny.py", "--fim_rate=1.5"],
+     "config key 'fim_rate' must be a fraction in [0, 1], got 1.5 (StarCoder used 0.5)"),
+    (["config/tiny.py", "--train_tokens=1e6"],
+     "set exactly one of max_iters (steps) and train_tokens (a token budget), got max_iters=2000 and "
+     "train_tokens=1e+06: --max_iters=0 trains by tokens"),
 ])
 def test_config_errors_are_one_line(args, message):
     r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
