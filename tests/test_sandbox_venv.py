@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -22,11 +23,18 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def make_venv(base, python, *flags):
-    """A venv under the system temp dir, where a private /tmp would hide it; others may read it, as in /tmp."""
+    """A venv under the system temp dir, where a private /tmp would hide it; others may read it, as in /tmp.
+    With --system-site-packages it also sees this interpreter's packages: when this interpreter is itself a venv's,
+    the new venv's "system" is the base interpreter's, which lacks them, so a .pth file names them."""
     d = Path(tempfile.mkdtemp(prefix="sheikh-venv-"))
     d.chmod(0o755)
     subprocess.run([python, "-m", "venv", "--without-pip", *flags, str(d / "venv")], check=True)
     base.append(d)
+    if "--system-site-packages" in flags:
+        site = subprocess.run([str(d / "venv" / "bin" / "python"), "-c", "import sysconfig; "
+                               "print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True)
+        ours = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+        (Path(site.stdout.strip()) / "sheikh-parent.pth").write_text("".join(f"{p}\n" for p in ours))
     return d / "venv" / "bin" / "python"
 
 
@@ -62,7 +70,7 @@ def run_in(python, code, env=ENV):
 
 
 def test_validate_from_a_venv_in_the_temp_dir_passes_reference_solutions(venvs, reference_samples, tmp_path):
-    python = venvs(sys.executable, "--system-site-packages")  # sees torch and mini-racer
+    python = venvs(sys.executable, "--system-site-packages")  # sees torch and mini-racer, also from inside a venv
     r = validate(python, reference_samples, tmp_path / "out")
     assert r.returncode == 0, r.stderr[-3000:]
     tasks = json.loads((tmp_path / "out" / "report.json").read_text())["runs"][0]["tasks"]
