@@ -354,6 +354,7 @@ class Monitor:
         s = summarize(self.out_dir, info, self.config, time.time() - self.t0, self.run_id, self.device_name)
         with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
             json.dump(s, f, indent=2, default=str)
+        plot_run(self.out_dir, os.path.join(self.out_dir, "loss.png"))
         with open(os.path.join(self.out_dir, "summary.md"), "w") as f:
             f.write(summary_md(s))
         if self.tb:
@@ -441,6 +442,40 @@ def summarize(out_dir, info, config, wall_time_s, run_id, device_name):
     }
 
 
+MARKED = {"lr_reduced": "tab:orange", "rollback": "tab:red", "skip": "tab:purple", "stop": "tab:gray"}
+
+
+def plot_run(out_dir, path):
+    """A small PNG: train loss and each language's val loss by step, the LR on the right axis, and the eval events
+    (LR cuts, rollbacks, skipped steps, early stop) as dotted lines. Returns path, or None with nothing to plot."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display
+    steps, evals, events = read_metrics(out_dir)
+    if not steps:
+        return None
+    fig = Figure(figsize=(7, 3.6), dpi=90)
+    ax = fig.subplots()
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="black", lw=1, label="train")
+    for key in sorted({k for r in evals for k in r if k.startswith("val_loss/")}):
+        pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+        ax.plot(*zip(*pts), marker=".", ms=3, lw=1, label=f"val {key.split('/', 1)[1]}")
+    for e in events:
+        if e["event"] in MARKED:
+            ax.axvline(e["step"], color=MARKED[e["event"]], ls=":", lw=1.2)
+    for name, color in MARKED.items():  # one legend entry per kind of event that happened
+        if any(e["event"] == name for e in events):
+            ax.plot([], [], color=color, ls=":", label=name)
+    ax.set(xlabel="step", ylabel="loss")
+    ax.legend(fontsize=7, ncol=2)
+    lr = ax.twinx()
+    lr.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:gray", lw=0.8, alpha=0.6)
+    lr.set_ylabel("LR", color="tab:gray")
+    fig.tight_layout()
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def summary_md(s):
     rows = [
         ("stop reason", s["stop_reason"] or "n/a"),
@@ -460,6 +495,7 @@ def summary_md(s):
     ]
     out = [f"# Run summary: {s['run_id']}", "", "| | |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in rows]
+    out += ["", "![train and val loss, LR and events](loss.png)"] * (s["final_loss"] is not None)  # plot_run's
     out += ["", "## Final eval", "", "| metric | value |", "|---|---|"]
     out += [f"| {k} | {_fmt(v)} |" for k, v in s["final_eval"].items()]
     out += ["", "## Events", ""] + [f"- step {e['step']}: {e['event']}: {e['reason']}" for e in s["events"]]

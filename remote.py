@@ -1,9 +1,9 @@
 """Checkpoints that leave the node: a mirror in object storage, and compressed archives.
 
   remote = "s3://bucket/runs/tiny"      # train.py: every committed checkpoint is mirrored there in the background
-  python ckpt.py push out/tiny/ckpt/step-002000 s3://bucket/runs/tiny
+  python ckpt.py push out/tiny/ckpt/step-001500 s3://bucket/runs/tiny
   python ckpt.py pull s3://bucket/runs/tiny out/tiny           # the newest complete remote checkpoint
-  python ckpt.py pack out/tiny/ckpt/step-002000 tiny.tar.zst   # or .tar.gz, .tar.bz2, .tar.xz
+  python ckpt.py pack out/tiny/ckpt/step-001500 tiny.tar.zst   # or .tar.gz, .tar.bz2, .tar.xz
   python ckpt.py unpack tiny.tar.zst out/tiny/ckpt             # verified, then moved into place
 
 A remote run root looks like an out_dir: {url}/ckpt/step-000123/... and {url}/ckpt/latest. Any fsspec URL works:

@@ -288,8 +288,8 @@ def write_results(study, sweep, base_args):
         value = f"{t.value:.4f}" if t.value is not None else "-"
         rows.append(f"| {t.number} | {t.state.name.lower()} | {value} | {t.params} | {t.user_attrs.get('steps', '-')} "
                     f"| {t.user_attrs.get('wall_s', '-')} | {note} |")
-    put("trials.md", f"# Study {study.study_name}: {sweep.metric}, {study.direction.name.lower()}\n\n"
-        + "\n".join(rows) + "\n")
+    md = f"# Study {study.study_name}: {sweep.metric}, {study.direction.name.lower()}\n\n" + "\n".join(rows) + "\n"
+    put("trials.md", md)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not done:
         return
@@ -316,6 +316,8 @@ def write_results(study, sweep, base_args):
         ax.figure.savefig(tmp, dpi=100, bbox_inches="tight")
         os.replace(tmp, os.path.join(sweep.sweep_dir, name))
         matplotlib.pyplot.close(ax.figure)
+        md += f"\n![{name}]({name})\n"
+    put("trials.md", md)  # again, with the plots
 
 
 def prepare_data_once(cfg, sweep_dir):

@@ -469,14 +469,14 @@ def main(args):
     ckpt.wait()  # an async save must be committed before export
     for event in remote.close(mirror) if mirror else []:
         monitor.event(*event)
-    export_path = None
-    if saved and master:
-        best = ckpt.best_checkpoint(cfg.out_dir, cfg.early_stop_mode == "max") or saved[-1]
-        best = remote.complete(mirror, best) if mirror else best  # nodes without a shared disk hold part of it
-        export_path = export(best, os.path.join(cfg.out_dir, "best"))
+    export_path = os.path.join(cfg.out_dir, "best") if saved and master else None
     monitor.finish(dict(stop_reason=stop_reason, best_metric=p.early_stop.best, best_step=p.early_stop.best_step,
                         steps=p.step, tokens=p.tokens, epochs=loader.epochs(), best_metric_name=cfg.early_stop_metric,
                         checkpoints=saved, export_path=export_path, final_eval=metrics))
+    if export_path:  # after the summary and its loss plot, which the model card shows
+        best = ckpt.best_checkpoint(cfg.out_dir, cfg.early_stop_mode == "max") or saved[-1]
+        best = remote.complete(mirror, best) if mirror else best  # nodes without a shared disk hold part of it
+        export(best, export_path)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -39,6 +39,7 @@ from checkers.syntax import mdx_exact, node_available
 from data.loader import DataError
 from evals import EvalError, codebleu, domain, fim, humaneval, js_exec, loss, mbpp, mmlu, truthfulqa
 from evals.sampling import Run, Settings
+from model.export import VALIDATIONS
 from model.phi import ModelLoadError, Phi
 
 TASKS = {"ppl": loss.evaluate, "xml": lambda r: domain.evaluate(r, "xml"), "mdx": lambda r: domain.evaluate(r, "mdx"),
@@ -190,6 +191,8 @@ def write_reports(out, runs, settings, from_samples=False):
         notes.append("sandbox: " + ", ".join(f"{k}={v}" for k, v in info.items())
                      + ("" if info.get("network_isolated")
                         else " (NO network isolation: `unshare -n` is not available here)"))
+    if plot_rates(runs, Path(out) / "report.png"):
+        md += ["", "![rates of each task](report.png)"]
     if notes:
         md += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     for name, tasks in runs:
@@ -199,6 +202,44 @@ def write_reports(out, runs, settings, from_samples=False):
             md += ["", f"## Example failures: `{name}`", ""] + [f"- {t}: `{f}`" for t, f in fails]
     (Path(out) / "report.md").write_text("\n".join(md) + "\n")
     return report
+
+
+def plot_rates(runs, path):
+    """report.png: each task's rates (values in [0, 1]: validity, pass@k, exact match, accuracy) as bars, the
+    compared checkpoint's or random twin's beside them. Returns path, or None when no task gives a rate."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display
+    keys = [(t, k) for t, m in runs[0][1].items() for k, v in m.items() if "/" not in k and isinstance(v, float)
+            and 0 <= v <= 1 and k != "seconds"]
+    if not keys:
+        return None
+    fig = Figure(figsize=(7, 0.9 + 0.28 * len(keys) * len(runs)), dpi=90)
+    ax = fig.subplots()
+    height = 0.8 / len(runs)
+    for i, (name, tasks) in enumerate(runs):
+        ax.barh([j + i * height for j in range(len(keys))], [tasks.get(t, {}).get(k, 0) for t, k in keys],
+                height=height, label=Path(name).name or name)
+    ax.set_yticks([j + height * (len(runs) - 1) / 2 for j in range(len(keys))], [f"{t} {k}" for t, k in keys],
+                  fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1), xlabel="rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def record_report(ckpt_path, out):
+    """Append the report to its run's validations.jsonl, where model.export finds the newest one for the card."""
+    path = Path(ckpt_path).resolve()
+    line = json.dumps({"ckpt": path.name, "report": str((Path(out) / "report.json").resolve())}) + "\n"
+    try:
+        with open(path.parent.parent / VALIDATIONS, "a") as f:
+            f.write(line)
+    except OSError as e:  # a read-only run dir: the report stands on its own
+        print(f"warning: not recorded in {path.parent.parent / VALIDATIONS} ({e}); the model card will not show it",
+              file=sys.stderr)
 
 
 def score(name, run, out, samples_file):
@@ -280,6 +321,8 @@ def main(argv=None):
             runs.append(score(args.compare, load_run(ckpt.resolve(args.compare), s, args.device, dtype), args.out,
                               "samples-compare.jsonl"))
         write_reports(args.out, runs, s, from_samples=samples is not None)
+        if state is not None:  # a training checkpoint
+            record_report(path, args.out)
     except (EvalError, execute.SandboxError, ckpt.CheckpointError, ModelLoadError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

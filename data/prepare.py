@@ -330,7 +330,7 @@ def stream(parsed, shard, out, job, n_workers, quiet):
     counts, fixes = Counter({k: 0 for k in DROPS}), {"bom": 0, "crlf": 0}
     stats, seen, table, synthetic = {}, set(), [], []
     contaminated = {name: {"docs": 0, "paths": []} for name in (job.bench or {"names": []})["names"]}
-    sources = [{"docs_read": 0, "docs_kept": 0} for _ in parsed]
+    sources = [{"path": str(target), "docs_read": 0, "docs_kept": 0} for _, target, _, _ in parsed]
     handles, offsets = {}, Counter()
     bytes_in, itemsize = 0, np.dtype(job.dtype).itemsize
     row_type = docs_table_dtype(1 + (job.bands[0] if job.bands else 0))

@@ -100,7 +100,8 @@ def merge(out):
     dropped = {k: sum(m["filters"]["dropped"][k] for m in metas) for k in metas[0]["filters"]["dropped"]}
     dropped.update(duplicate=int(exact.sum()), near_duplicate=int(near.sum()))
     source = table["pos"] >> np.uint64(POS_BITS)
-    sources = [{"docs_read": sum(m["sources"][s]["docs_read"] for m in metas),
+    sources = [{"path": metas[0]["sources"][s]["path"],
+                "docs_read": sum(m["sources"][s]["docs_read"] for m in metas),
                 "docs_kept": int((keep & (source == s)).sum())} for s in range(len(metas[0]["sources"]))]
     first, mb, seconds = metas[0], sum(m["mb_read"] for m in metas), sum(m["seconds"] for m in metas)
     contaminated = {name: {"docs": sum(m["contaminated"][name]["docs"] for m in metas),

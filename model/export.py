@@ -1,16 +1,20 @@
 """Training checkpoint -> Hugging Face model dir, and any checkpoint -> a model ready for inference.
 
-  python -m model.export out/tiny/ckpt/step-002000 hf/tiny        # config, safetensors shards + index, tokenizer
+  python -m model.export out/tiny/ckpt/step-001500 hf/tiny        # config, safetensors shards + index, tokenizer
   python -m model.export out/tiny hf/tiny --max_shard_size=500MB   # a run dir: its newest checkpoint that verifies
   python -m model.export s3://bucket/runs/tiny hf/tiny --pack zst  # a remote run; + hf/tiny.tar.zst to distribute
 
-    model, tokenizer_dir = load_for_inference("out/tiny/ckpt/step-002000")   # or an HF dir
+Every export carries a model card (README.md with the Hub's YAML front matter): how the checkpoint was trained, the
+latest validate.py report of it, and how to prompt it for infilling.
+
+    model, tokenizer_dir = load_for_inference("out/tiny/ckpt/step-001500")   # or an HF dir
 
 ckpt.py stores and verifies the tensors and knows nothing of the model; this file gives them a shape.
 """
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,6 +26,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 import ckpt
 import remote
+from data.fim import FIM_TOKENS
 from model.phi import ModelLoadError, Phi, PhiConfig
 
 
@@ -71,8 +76,125 @@ def _model_from_ckpt(path, dtype=torch.float32, device="cpu"):
     return model, state
 
 
+# -----------------------------------------------------------------------------
+# model card
+
+VALIDATIONS = "validations.jsonl"  # in a run dir: validate.py appends {ckpt, report} there, the card reads it
+HUB_DATASETS = ("the-stack-dedup", "the-stack-v2-dedup", "the-stack-v2", "the-stack", "starcoderdata")  # bigcode/...
+LANG_TAGS = {"xml": "xml", "mdx": "mdx", "md": "markdown", "js": "javascript", "ts": "typescript", "py": "python"}
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _latest_report(ckpt_path):
+    """report.json of the newest validate.py run on this checkpoint that still exists, or None."""
+    ckpt_path = os.path.realpath(ckpt_path)
+    try:
+        with open(os.path.join(os.path.dirname(os.path.dirname(ckpt_path)), VALIDATIONS)) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return None
+    for rec in reversed(lines):
+        report = _read_json(rec["report"]) if rec.get("ckpt") == os.path.basename(ckpt_path) else None
+        if report:
+            return report
+    return None
+
+
+def _base_card(init_from):
+    """(Hub id, license) of the HF dir the run started from, from its config.json and model card."""
+    from huggingface_hub import ModelCard
+    if init_from == "scratch" or not os.path.isdir(init_from):
+        return None, None
+    name = (_read_json(os.path.join(init_from, "config.json")) or {}).get("_name_or_path") or \
+        os.path.basename(os.path.normpath(init_from))
+    readme = os.path.join(init_from, "README.md")
+    return name, ModelCard.load(readme).data.license if os.path.isfile(readme) else None
+
+
+def model_card(ckpt_path, state, meta, out_dir):
+    """README.md text for the export of checkpoint `ckpt_path` (its train_state `state`, its data's meta.json)."""
+    from huggingface_hub import ModelCard, ModelCardData
+    cfg, run_dir = state.get("config") or {}, os.path.dirname(os.path.dirname(os.path.realpath(ckpt_path)))
+    summary = _read_json(os.path.join(run_dir, "summary.json")) or {}
+    if summary.get("run_id") != state.get("run_id"):
+        summary = {}  # another run's summary, or none yet
+    base, license = _base_card(cfg.get("init_from", "scratch"))
+    langs = sorted((meta.get("stats") or {}).keys())
+    paths = [str(s.get("path", "")) for s in meta.get("sources") or []]
+    datasets = sorted({f"bigcode/{d}" for p in paths for d in HUB_DATASETS if d in re.split(r"[/\\]", p)})
+    fim = meta.get("fim")
+    data = ModelCardData(base_model=base, license=license, language=["code", "en"], pipeline_tag="text-generation",
+                         library_name="transformers", datasets=datasets or None,
+                         tags=["sheikh-coder", "code", *[LANG_TAGS[x] for x in langs if x in LANG_TAGS]]
+                         + ["fill-in-the-middle"] * bool(fim and cfg.get("fim_rate")))
+    mix = cfg.get("mixture") or {}
+    mixture = ", ".join(f"{x} {mix[x]:.0%}" for x in mix) if mix else "by token count: " + ", ".join(
+        f"{x} {v['train']['tokens']:,}" for x, v in (meta.get("stats") or {}).items())
+    decon = meta.get("decontamination")
+    decon = (f"{decon['ngram']}-gram overlap with " + ", ".join(decon["benchmarks"]) + " removed: "
+             + ", ".join(f"{k} {v['docs']} docs" for k, v in (meta.get("contaminated") or {}).items())
+             if isinstance(decon, dict) else "off")
+    expand = cfg.get("expand_layers", 0)
+    rows = [("checkpoint", f"step {state['step']:,} of run `{state.get('run_id')}`"),
+            ("tokens seen", f"{state.get('tokens', 0):,}"),
+            ("started from", base or "random weights (scratch)"),
+            ("data", f"{', '.join(langs) or 'n/a'}; mixture {mixture}"),
+            ("expansion", f"{expand} inserted blocks (LLaMA-Pro), "
+                          f"{'only those trained' if cfg.get('train_only_new_layers') else 'all weights trained'}"
+             if expand else "none"),
+            ("context", f"{cfg.get('block_size')} tokens (RoPE scaling x{cfg.get('rope_scaling_factor', 1.0)})"),
+            ("fill-in-the-middle", f"rate {cfg.get('fim_rate', 0)}, of which SPM {cfg.get('fim_spm_rate', 0)}"),
+            ("decontamination", decon),
+            ("stop reason", summary.get("stop_reason") or "n/a (the run has not finished)")]
+    body = [f"# {os.path.basename(os.path.normpath(out_dir))}", "",
+            f"A Phi model (`PhiForCausalLM`) trained with sheikh-coder (raw PyTorch, FSDP2) on "
+            f"{', '.join(langs)}.", "", "## Training", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    report = _latest_report(ckpt_path)
+    body += ["", "## Evaluation", ""]
+    if report:
+        runs = report["runs"]
+        body += [f"The latest `validate.py` report on this checkpoint ({report['created']})"
+                 + (f", beside `{runs[1]['ckpt']}`" if len(runs) > 1 else "") + ":", "",
+                 "| task | metric | this model |" + (" compared |" if len(runs) > 1 else ""),
+                 "|---|---|---|" + ("---|" if len(runs) > 1 else "")]
+        for task, metrics in runs[0]["tasks"].items():
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seconds":
+                    other = runs[1]["tasks"].get(task, {}).get(k, "") if len(runs) > 1 else None
+                    body.append(f"| {task} | {k} | {_num(v)} |" + (f" {_num(other)} |" if other is not None else ""))
+    else:
+        body.append(f"Not validated yet: `python validate.py --ckpt {ckpt_path}` (then export again).")
+    body += ["", "## Infilling", ""]
+    if fim:
+        names = {k: FIM_TOKENS[k] for k in ("prefix", "suffix", "middle")}
+        body += ["The tokenizer holds the fill-in-the-middle sentinels "
+                 + ", ".join(f"`{t}` (id {fim[k]})" for k, t in names.items())
+                 + f". Trained with a FIM rate of {cfg.get('fim_rate', 0)}"
+                 + ("" if cfg.get("fim_rate") else " (so these prompts are untrained)") + ". Prompt with either order; "
+                 "the model writes the middle, then the end-of-text token:", "", "```text",
+                 f"PSM: {names['prefix']}{{prefix}}{names['suffix']}{{suffix}}{names['middle']}",
+                 f"SPM: {names['prefix']}{names['suffix']}{{suffix}}{names['middle']}{{prefix}}", "```"]
+    else:
+        body.append("The tokenizer has no FIM sentinels: this model completes left to right only.")
+    if os.path.isfile(os.path.join(out_dir, "loss.png")):
+        body += ["", "## Loss", "", "![train and val loss](loss.png)"]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body) + "\n")
+
+
+def _num(v):
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
 def export(ckpt_path, out_dir, max_shard_size="2GB"):
-    """Write an HF model dir from a training checkpoint (weights, config, the run's tokenizer); returns out_dir."""
+    """Write an HF model dir from a training checkpoint (weights, config, the run's tokenizer, a model card);
+    returns out_dir."""
     model, state = _model_from_ckpt(ckpt_path)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     meta = _data_meta(state)
@@ -90,6 +212,10 @@ def export(ckpt_path, out_dir, max_shard_size="2GB"):
         json.dump({**config, **ids}, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"_from_model_config": True, **ids}, f, indent=2)
+    loss_png = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(ckpt_path))), "loss.png")
+    if os.path.isfile(loss_png):
+        shutil.copy2(loss_png, os.path.join(out_dir, "loss.png"))
+    model_card(ckpt_path, state, meta, out_dir).save(os.path.join(out_dir, "README.md"))
     return out_dir
 
 

@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory):
     its checkpoints serve the monitor, ckpt and validate tests."""
     root = tmp_path_factory.mktemp("run")
     out = str(root / "tiny")
-    # both cores: nothing else runs while a session fixture is built (13 min on one thread, ~5 on two)
+    # both cores: nothing else runs while a session fixture is built (4.5 min on two)
     run_train(["config/tiny.py", f"--out_dir={out}", f"--data_dir={root / 'data'}"], timeout=1200,
               env={"OMP_NUM_THREADS": "2"})
     return out

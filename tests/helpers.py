@@ -39,3 +39,14 @@ def read_jsonl(path):
 
 def train_losses(out_dir):
     return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "loss" in r}
+
+
+def assert_picture(path, min_size=(300, 200), max_bytes=200_000):
+    """A PNG that matplotlib drew: a sensible size, small, and not blank (many colours, not one flat field)."""
+    from PIL import Image
+    assert os.path.getsize(path) <= max_bytes, (path, os.path.getsize(path))
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width >= min_size[0] and im.height >= min_size[1], (path, im.size)
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) >= 20, (path, len(colours))
+    assert max(n for n, _ in colours) < 0.97 * im.width * im.height, path  # something is drawn on the white

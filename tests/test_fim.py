@@ -164,7 +164,7 @@ def test_fim_twin_infills_better_at_no_cost_to_left_to_right(tmp_path):
     for rate in (0.5, 0.0):
         out = tmp_path / f"fim{rate}"
         run_train(["config/tiny.py", f"--out_dir={out}", f"--data_dir={tmp_path / 'data'}", f"--fim_rate={rate}",
-                   "--tensorboard=False"], timeout=3000, env={"OMP_NUM_THREADS": "2"})
+                   "--max_iters=2000", "--tensorboard=False"], timeout=3000, env={"OMP_NUM_THREADS": "2"})
         r = subprocess.run([sys.executable, "validate.py", "--ckpt", str(out), "--tasks", "ppl", "fim", "--out",
                             str(tmp_path / f"val{rate}")], cwd=ROOT, capture_output=True, text=True, timeout=1200,
                            env={**os.environ, "OMP_NUM_THREADS": "2"})

@@ -6,10 +6,11 @@ import os
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import QUICK, read_jsonl, run_train
+import ckpt
+from helpers import QUICK, assert_picture, read_jsonl, run_train
 from train import load_config
 
-pytestmark = pytest.mark.slow  # train.py subprocesses and the ~8 min tiny_run
+pytestmark = pytest.mark.slow  # train.py subprocesses and the ~4.5 min tiny_run
 TINY = load_config(["config/tiny.py"])  # the schedule tiny_run trained with
 
 
@@ -45,6 +46,30 @@ def test_summary_names_stop_reason_and_best_step(tiny_run):
     assert f"{best['val_loss']:.6g} at step {best['step']}" in md
     # the tiny default learns: val loss falls by far more than 40%
     assert evals[-1]["val_loss"] < 0.6 * evals[0]["val_loss"]
+    assert "![train and val loss, LR and events](loss.png)" in md
+    assert_picture(os.path.join(tiny_run, "loss.png"))
+
+
+def test_export_carries_a_model_card_that_matches_the_run(tiny_run):
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(os.path.join(tiny_run, "best", "README.md"))  # the Hub's own parser
+    with open(os.path.join(tiny_run, "summary.json")) as f:
+        s = json.load(f)
+    with open(os.path.join(s["config"]["data_dir"], "meta.json")) as f:
+        meta = json.load(f)
+    exported = ckpt.train_state(ckpt.best_checkpoint(tiny_run, False))  # the saved checkpoint with the best val loss
+    d = card.data.to_dict()
+    assert d["pipeline_tag"] == "text-generation" and "base_model" not in d and "license" not in d  # from scratch
+    assert {"sheikh-coder", "xml", "mdx", "javascript"} <= set(d["tags"]) and "fill-in-the-middle" not in d["tags"]
+    assert f"| checkpoint | step {exported['step']:,} of run `{s['run_id']}` |" in card.text
+    assert f"| tokens seen | {exported['tokens']:,} |" in card.text
+    assert f"| stop reason | {s['stop_reason']} |" in card.text
+    assert f"| context | {TINY.block_size} tokens" in card.text
+    assert "js " + f"{meta['stats']['js']['train']['tokens']:,}" in card.text
+    assert f"`<fim_prefix>` (id {meta['fim']['prefix']})" in card.text and "so these prompts are untrained" in card.text
+    assert "Not validated yet" in card.text  # train.py exports before any validate.py run
+    assert "![train and val loss](loss.png)" in card.text
+    assert_picture(os.path.join(tiny_run, "best", "loss.png"))
 
 
 def test_wandb_offline_run_id_survives_resume(tmp_path, tiny_data):

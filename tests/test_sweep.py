@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 import ckpt
 import sweep
-from helpers import ROOT, read_jsonl, run_train
+from helpers import ROOT, assert_picture, read_jsonl, run_train
 
 # short runs: 30 steps, an eval every 10, so the pruner sees 4 values a trial
 SHORT = ["config/tiny.py", "--dtype='float32'", "--max_iters=30", "--eval_interval=10", "--ckpt_interval=10",
@@ -73,7 +73,8 @@ def test_four_trials_one_pruned_through_sigterm(four):
     assert len([line for line in table if line.startswith("| ") and line[2].isdigit()]) == 4
     assert "| pruned |" in "\n".join(table)
     for png in ("history.png", "importances.png"):
-        assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert_picture(d / png)
+        assert f"![{png}]({png})" in table  # trials.md shows them
     assert out.count(" done") == 4 and "4/4 done" in out and " pruned at step " in out
 
 

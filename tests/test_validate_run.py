@@ -4,12 +4,15 @@ The trained model must write far more valid XML, MDX and JS than random weights 
 (our prompt set plus beginnings of held-out documents), the same greedy decoding and the same checkers.
 """
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT, read_jsonl
+import ckpt
+from helpers import ROOT, assert_picture, read_jsonl
+from train import load_config
 
 pytestmark = pytest.mark.slow
 TASKS = ("xml", "mdx", "js")
@@ -55,6 +58,25 @@ def test_trained_far_above_random(compared, lang):
     assert a >= 0.25 and a >= b + 0.2, (lang, a, b)
 
 
+def test_report_picture_and_the_model_card_shows_the_newest_report(compared, tiny_run, tmp_path):
+    from huggingface_hub import ModelCard
+    out, report = compared
+    assert "![rates of each task](report.png)" in (out / "report.md").read_text()
+    assert_picture(out / "report.png")
+    rec = read_jsonl(f"{tiny_run}/validations.jsonl")[-1]  # validate.py told the run where its report is
+    assert rec == {"ckpt": os.path.basename(os.path.realpath(ckpt.resolve(tiny_run))),
+                   "report": str((out / "report.json").resolve())}
+    r = subprocess.run([sys.executable, "-m", "model.export", tiny_run, str(tmp_path / "hf")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = ModelCard.load(tmp_path / "hf" / "README.md")
+    (_, ours), (_, theirs) = [(x["ckpt"], x["tasks"]) for x in report["runs"]]
+    assert f"report on this checkpoint ({report['created']}), beside `random`" in card.text
+    for lang in TASKS:
+        assert f"| {lang} | valid_rate | {ours[lang]['valid_rate']:.4f} | {theirs[lang]['valid_rate']:.4f} |" \
+            in card.text
+
+
 def test_ppl_equals_the_training_eval(tiny_run, tmp_path):
     """validate.py's ppl task on the final checkpoint gives train.py's final eval metrics, to 1e-6: the same
     function (evals/loss.py) on the same val batches, read from the checkpoint's config."""
@@ -62,6 +84,6 @@ def test_ppl_equals_the_training_eval(tiny_run, tmp_path):
     got = json.loads((tmp_path / "report.json").read_text())["runs"][0]["tasks"]["ppl"]
     final = [r for r in read_jsonl(f"{tiny_run}/metrics.jsonl") if r["kind"] == "eval"][-1]
     keys = [k for k in final if k.startswith(("val_loss/", "val_ppl/", "val_acc/"))]
-    assert len(keys) == 9 and final["step"] == 2000
+    assert len(keys) == 9 and final["step"] == load_config(["config/tiny.py"]).max_iters
     for k in keys + ["val_loss", "val_ppl"]:
         assert abs(got[k] - final[k]) <= 1e-6 * max(1.0, abs(final[k])), (k, got[k], final[k])
