@@ -454,7 +454,8 @@ def plot_run(out_dir, path):
         return None
     fig = Figure(figsize=(7, 3.6), dpi=90)
     ax = fig.subplots()
-    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="black", lw=1, label="train")
+    ax.plot([r["step"] for r in steps if "loss" in r], [r["loss"] for r in steps if "loss" in r], color="black", lw=1,
+            label="train")
     for key in sorted({k for r in evals for k in r if k.startswith("val_loss/")}):
         pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
         ax.plot(*zip(*pts), marker=".", ms=3, lw=1, label=f"val {key.split('/', 1)[1]}")
@@ -467,7 +468,8 @@ def plot_run(out_dir, path):
     ax.set(xlabel="step", ylabel="loss")
     ax.legend(fontsize=7, ncol=2)
     lr = ax.twinx()
-    lr.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:gray", lw=0.8, alpha=0.6)
+    lr.plot([r["step"] for r in steps if "lr" in r], [r["lr"] for r in steps if "lr" in r], color="tab:gray", lw=0.8,
+            alpha=0.6)  # callers of log_step may leave out the LR
     lr.set_ylabel("LR", color="tab:gray")
     fig.tight_layout()
     tmp = f"{path}.{os.getpid()}.tmp.png"
