@@ -21,7 +21,8 @@ def test_config_files_then_flags_override(tmp_path):
     extra = tmp_path / "extra.py"
     extra.write_text("batch_size = 3\nlearning_rate = 1  # an int where a float is expected is fine\n")
     cfg = train.load_config(["config/tiny.py", str(extra), "--batch_size=5", "--mixture={'xml': 1.0}"])
-    assert (cfg.batch_size, cfg.learning_rate, cfg.mixture, cfg.max_iters) == (5, 1.0, {"xml": 1.0}, 1500)  # config/tiny.py's max_iters
+    # 1500: config/tiny.py's max_iters, which nothing later overrides
+    assert (cfg.batch_size, cfg.learning_rate, cfg.mixture, cfg.max_iters) == (5, 1.0, {"xml": 1.0}, 1500)
 
 
 def test_phi2_configs_resolve():
