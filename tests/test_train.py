@@ -46,7 +46,7 @@ def test_phi2_configs_resolve():
     (["config/tiny.py", "--fim_rate=1.5"],
      "config key 'fim_rate' must be a fraction in [0, 1], got 1.5 (StarCoder used 0.5)"),
     (["config/tiny.py", "--train_tokens=1e6"],
-     "set exactly one of max_iters (steps) and train_tokens (a token budget), got max_iters=2000 and "
+     "set exactly one of max_iters (steps) and train_tokens (a token budget), got max_iters=1500 and "
      "train_tokens=1e+06: --max_iters=0 trains by tokens"),
 ])
 def test_config_errors_are_one_line(args, message):
