@@ -39,7 +39,7 @@ from checkers.syntax import mdx_exact, node_available
 from data.loader import DataError
 from evals import EvalError, codebleu, domain, fim, humaneval, js_exec, loss, mbpp, mmlu, truthfulqa
 from evals.sampling import Run, Settings
-from model.export import VALIDATIONS
+from model.export import VALIDATIONS, run_dir
 from model.phi import ModelLoadError, Phi
 
 TASKS = {"ppl": loss.evaluate, "xml": lambda r: domain.evaluate(r, "xml"), "mdx": lambda r: domain.evaluate(r, "mdx"),
@@ -232,14 +232,13 @@ def plot_rates(runs, path):
 
 def record_report(ckpt_path, out):
     """Append the report to its run's validations.jsonl, where model.export finds the newest one for the card."""
-    path = Path(ckpt_path).resolve()
-    line = json.dumps({"ckpt": path.name, "report": str((Path(out) / "report.json").resolve())}) + "\n"
+    index = Path(run_dir(ckpt_path)) / VALIDATIONS
+    line = json.dumps({"ckpt": Path(ckpt_path).resolve().name, "report": str((Path(out) / "report.json").resolve())})
     try:
-        with open(path.parent.parent / VALIDATIONS, "a") as f:
-            f.write(line)
+        with open(index, "a") as f:
+            f.write(line + "\n")
     except OSError as e:  # a read-only run dir: the report stands on its own
-        print(f"warning: not recorded in {path.parent.parent / VALIDATIONS} ({e}); the model card will not show it",
-              file=sys.stderr)
+        print(f"warning: not recorded in {index} ({e}); the model card will not show it", file=sys.stderr)
 
 
 def score(name, run, out, samples_file):

@@ -92,11 +92,16 @@ def _read_json(path):
         return None
 
 
+def run_dir(ckpt_path):
+    """The run dir that holds checkpoint dir `ckpt_path` (RUN/ckpt/step-N; `latest` followed)."""
+    return os.path.dirname(os.path.dirname(os.path.realpath(ckpt_path)))
+
+
 def _latest_report(ckpt_path):
     """report.json of the newest validate.py run on this checkpoint that still exists, or None."""
     ckpt_path = os.path.realpath(ckpt_path)
     try:
-        with open(os.path.join(os.path.dirname(os.path.dirname(ckpt_path)), VALIDATIONS)) as f:
+        with open(os.path.join(run_dir(ckpt_path), VALIDATIONS)) as f:
             lines = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
         return None
@@ -121,8 +126,8 @@ def _base_card(init_from):
 def model_card(ckpt_path, state, meta, out_dir):
     """README.md text for the export of checkpoint `ckpt_path` (its train_state `state`, its data's meta.json)."""
     from huggingface_hub import ModelCard, ModelCardData
-    cfg, run_dir = state.get("config") or {}, os.path.dirname(os.path.dirname(os.path.realpath(ckpt_path)))
-    summary = _read_json(os.path.join(run_dir, "summary.json")) or {}
+    cfg = state.get("config") or {}
+    summary = _read_json(os.path.join(run_dir(ckpt_path), "summary.json")) or {}
     if summary.get("run_id") != state.get("run_id"):
         summary = {}  # another run's summary, or none yet
     base, license = _base_card(cfg.get("init_from", "scratch"))
@@ -212,7 +217,7 @@ def export(ckpt_path, out_dir, max_shard_size="2GB"):
         json.dump({**config, **ids}, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"_from_model_config": True, **ids}, f, indent=2)
-    loss_png = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(ckpt_path))), "loss.png")
+    loss_png = os.path.join(run_dir(ckpt_path), "loss.png")
     if os.path.isfile(loss_png):
         shutil.copy2(loss_png, os.path.join(out_dir, "loss.png"))
     model_card(ckpt_path, state, meta, out_dir).save(os.path.join(out_dir, "README.md"))
