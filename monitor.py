@@ -434,6 +434,7 @@ def summarize(out_dir, info, config, wall_time_s, run_id, device_name):
         "median_mfu": _median(steps, "mfu"),
         "peak_mem_gib": _max(steps, "mem/peak_gib"),
         "peak_rss_gib": _max(steps, "mem/rss_gib"),
+        "trainable_params": info.get("trainable_params"),  # of the whole model, not one rank's shard
         "final_eval": final_eval or {},
         "events": [{"step": e["step"], "event": e["event"], "reason": e["reason"]} for e in events],
         "checkpoints": list(info.get("checkpoints", [])),
@@ -493,6 +494,7 @@ def summary_md(s):
         ("median MFU (%)", _fmt(s["median_mfu"])),
         ("peak CUDA memory (GiB)", _fmt(s["peak_mem_gib"])),
         ("peak process RSS (GiB)", _fmt(s["peak_rss_gib"])),
+        ("trainable parameters", _fmt(s["trainable_params"])),
         ("HF export", s["export_path"] or "n/a"),
     ]
     out = [f"# Run summary: {s['run_id']}", "", "| | |", "|---|---|"]

@@ -4,10 +4,15 @@
   python sweep.py config/phi2_xml.py --space=my_space.py --n_trials=40 --nproc_per_node=8 \\
       --storage=postgresql://user@db-host/sweeps --study=phi2-lr                        # the same on every node
 
-The space file names config keys and distributions (loguniform, uniform, intrange, choice); --key=value flags and
-config files are train.py's and stay fixed. Each trial runs train.py (torchrun with --nproc_per_node > 1) in
+The space file names config keys and distributions (loguniform, uniform, intrange, choice), and may name
+variants: a choice among named sets of config values, such as the arms of an ablation. --key=value flags and
+config files are train.py's and stay fixed. --grid runs every combination of the space's choices and variants
+once (Optuna's GridSampler) instead of searching. Each trial runs train.py (torchrun with --nproc_per_node > 1) in
 {sweep_dir}/trial-NNNN. Each eval's early_stop_metric goes to the pruner; a pruned run gets SIGTERM, checkpoints
 and exits. A trial's value is the best metric in its summary.json, minimised or maximised as early_stop_mode says.
+A space file that names objectives (objective("min", "val_loss/py", "val_loss/txt"): the mean of eval metrics at
+the end of the run) makes the study multi-objective: a trial's values are its final eval's, nothing is pruned
+(Optuna cannot prune on several objectives), and the trials on the Pareto front are marked and plotted.
 
 Storage: SQLite in the sweep dir by default; any RDB URL (PostgreSQL for many machines); or journal:PATH, a journal
 file for workers on one shared filesystem. Workers with the same --storage and --study share the budget of
@@ -15,7 +20,7 @@ file for workers on one shared filesystem. Workers with the same --storage and -
 failed after 2 heartbeats and queued again, resuming from its own checkpoints (Optuna's journal storage has no
 heartbeat: restart such a sweep by hand). A crashed run is a failed trial with its log's last lines.
 Results, rewritten as trials finish: trials.md, best.py (python train.py <configs> {sweep_dir}/best.py reproduces the
-best trial), history.png and importances.png.
+best trial), history.png and importances.png; with objectives, pareto.png instead of best.py and the two plots.
 """
 import argparse
 import ctypes
@@ -23,6 +28,7 @@ import dataclasses
 import datetime
 import fcntl
 import json
+import math
 import os
 import signal
 import subprocess
@@ -84,21 +90,56 @@ class choice:
     values: list
 
 
+class variants:
+    """A choice among named sets of config values: arm = variants(a={}, b={"expand_layers": 1}). The name is not
+    a config key; Optuna sees the variant's name, and a trial gets its config values."""
+    def __init__(self, **named):
+        self.values = named
+
+
+class objective:
+    """One objective of a multi-objective study: the mean of these eval metrics at the end of a trial's run,
+    minimised or maximised: gain = objective("min", "val_loss/js", "val_loss/xml")."""
+    def __init__(self, direction, *metrics):
+        self.direction, self.metrics = direction, metrics
+
+
+HELPERS = {"loguniform": loguniform, "uniform": uniform, "intrange": intrange, "choice": choice, "variants": variants,
+           "objective": objective}
+
+
 def load_space(path, train_args):
-    """{key: distribution} from the space file, each key and every value it can take checked by train.py's own
-    config loader, so a bad space fails here in one line, before any trial starts."""
+    """({key: distribution}, {name: objective}) from the space file, each key and every value it can take checked
+    by train.py's own config loader, so a bad space fails here in one line, before any trial starts."""
     if not os.path.isfile(path):
         raise SweepError(f"space file '{path}' not found; pass --space=FILE (see config/sweep_tiny.py)")
-    scope = {"loguniform": loguniform, "uniform": uniform, "intrange": intrange, "choice": choice}
+    scope = dict(HELPERS, __file__=path)
     try:
         exec(compile(open(path).read(), path, "exec"), scope)  # the user's own file, as configs are
     except Exception as e:
         raise SweepError(f"space file '{path}': {type(e).__name__}: {e}") from None
-    space = {k: v for k, v in scope.items() if not k.startswith("__") and k not in
-             ("loguniform", "uniform", "intrange", "choice")}
+    named = {k: v for k, v in scope.items() if not k.startswith("_") and k not in HELPERS}  # _names: the file's own
+    objectives = {k: v for k, v in named.items() if isinstance(v, objective)}
+    space = {k: v for k, v in named.items() if k not in objectives}
     if not space:
         raise SweepError(f"space file '{path}' names no config key; e.g. learning_rate = loguniform(1e-4, 1e-2)")
+    for name, obj in objectives.items():
+        if obj.direction not in ("min", "max") or not obj.metrics:
+            raise SweepError(f"space file '{path}': objective {name} needs a direction, 'min' or 'max', then eval "
+                             f"metrics, e.g. objective('min', 'val_loss/py'); got {obj.direction!r}, {obj.metrics}")
     for key, dist in space.items():
+        if isinstance(dist, variants):
+            for label, values in dist.values.items():
+                if not isinstance(values, dict):
+                    raise SweepError(f"space file '{path}': variant {key}={label} must be a dict of config values, "
+                                     f"got {values!r}")
+                try:
+                    train.load_config(train_args + [f"--{k}={v!r}" for k, v in values.items()])
+                except ValueError as e:
+                    raise SweepError(f"space file '{path}': variant {key}={label}: {e}") from None
+            if not dist.values:
+                raise SweepError(f"space file '{path}': {key} = variants() has nothing to choose from")
+            continue
         if isinstance(dist, choice):
             values = list(dist.values)
         elif isinstance(dist, Range):
@@ -108,7 +149,7 @@ def load_space(path, train_args):
                                  f"low must be below high")
         else:
             raise SweepError(f"space file '{path}': {key} = {dist!r} is not a distribution; use loguniform, uniform, "
-                             f"intrange or choice, or pass a fixed value as --{key}=VALUE")
+                             f"intrange, choice or variants, or pass a fixed value as --{key}=VALUE")
         if not values:
             raise SweepError(f"space file '{path}': {key} = choice([]) has nothing to choose from")
         for value in values:
@@ -116,14 +157,25 @@ def load_space(path, train_args):
                 train.load_config(train_args + [f"--{key}={value!r}"])
             except ValueError as e:
                 raise SweepError(f"space file '{path}': {e}") from None
-    return space
+    return space, objectives
+
+
+def grid_of(space):
+    """{key: every value Optuna can see} for GridSampler: each choice's reprs and each variant's name."""
+    ranges = [k for k, d in space.items() if isinstance(d, Range)]
+    if ranges:
+        raise SweepError(f"--grid needs choice() or variants() for every key; {', '.join(ranges)} is a range: "
+                         f"list its values with choice([...])")
+    return {k: list(d.values) if isinstance(d, variants) else [repr(v) for v in d.values] for k, d in space.items()}
 
 
 def suggest(trial, space):
-    """{key: value} for a trial; a retried trial gets its original values back."""
+    """{key: value} for a trial; a retried trial gets its original values back. A variant gives its config values."""
     out = {}
     for key, dist in space.items():
-        if isinstance(dist, choice):
+        if isinstance(dist, variants):
+            out.update(dist.values[trial.suggest_categorical(key, list(dist.values))])
+        elif isinstance(dist, choice):
             by_repr = {repr(v): v for v in dist.values}
             out[key] = by_repr[trial.suggest_categorical(key, list(by_repr))]
         elif dist.step is not None:
@@ -143,6 +195,7 @@ class Sweep:
     metric: str
     nproc: int
     n_trials: int
+    objectives: dict = dataclasses.field(default_factory=dict)  # {name: objective}: a multi-objective study
     started: float = dataclasses.field(default_factory=time.time)
 
 
@@ -168,6 +221,8 @@ def follow(proc, trial, out_dir, sweep):
                 lines = f.read().split(b"\n")[:-1]  # a line still being written waits for the next poll
             pos += sum(len(line) + 1 for line in lines)
             for rec in map(json.loads, lines):
+                if sweep.objectives:  # Optuna prunes single-objective studies only
+                    continue
                 if pruned is None and rec.get("kind") == "eval" and rec.get(sweep.metric) is not None:
                     trial.report(rec[sweep.metric], rec["step"])
                     if trial.should_prune():
@@ -210,6 +265,13 @@ def run_trial(trial, sweep):
     with open(os.path.join(out_dir, "summary.json")) as f:
         summary = json.load(f)
     trial.set_user_attr("steps", summary["steps"])
+    if sweep.objectives:
+        final = summary["final_eval"]
+        missing = sorted({m for o in sweep.objectives.values() for m in o.metrics} - set(final))
+        if missing:
+            raise TrialCrashed(f"{out_dir}/summary.json's final eval has no {', '.join(missing)}; it has "
+                               f"{', '.join(sorted(final))}")
+        return [sum(final[m] for m in o.metrics) / len(o.metrics) for o in sweep.objectives.values()]
     if summary["best_metric"] is None:
         raise TrialCrashed(f"{out_dir}/summary.json has no {sweep.metric}: the run never evaluated")
     return summary["best_metric"]
@@ -217,7 +279,7 @@ def run_trial(trial, sweep):
 
 # -- the study: storage, a shared budget, results ----------------------------------------------------------------
 
-def open_study(url, name, direction, sweep_dir, heartbeat, seed):
+def open_study(url, name, directions, sweep_dir, heartbeat, sampler):
     """(study, whether its storage has heartbeats): created or joined; SQLite in the sweep dir unless --storage
     says otherwise. Workers starting together race to create the tables and the study (Optuna #1092): on SQLite
     a file lock beside the database lets one create them while the others wait; elsewhere the losers retry."""
@@ -236,8 +298,7 @@ def open_study(url, name, direction, sweep_dir, heartbeat, seed):
                     storage = RDBStorage(url, engine_kwargs=sqlite, heartbeat_interval=heartbeat,
                                          grace_period=2 * heartbeat,
                                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
-                study = optuna.create_study(storage=storage, study_name=name, direction=direction,
-                                            sampler=optuna.samplers.TPESampler(seed=seed),
+                study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
                                             pruner=optuna.pruners.MedianPruner(n_startup_trials=1), load_if_exists=True)
                 break
             except (optuna.exceptions.DuplicatedStudyError, sqlalchemy.exc.IntegrityError):
@@ -250,9 +311,10 @@ def open_study(url, name, direction, sweep_dir, heartbeat, seed):
     finally:
         if lock is not None:
             lock.close()
-    if study.direction.name.lower() != direction:
-        raise SweepError(f"study '{name}' in {url} was created to {study.direction.name.lower()}, this sweep would "
-                         f"{direction}; pass another --study or change early_stop_mode")
+    if [d.name.lower() for d in study.directions] != directions:
+        raise SweepError(f"study '{name}' in {url} was created to {', '.join(d.name.lower() for d in study.directions)}"
+                         f", this sweep would {', '.join(directions)}; pass another --study or change early_stop_mode "
+                         f"or the space's objectives")
     return study, isinstance(storage, RDBStorage)
 
 
@@ -271,27 +333,50 @@ def tally(study):
 
 
 def write_results(study, sweep, base_args):
-    """trials.md, best.py and the plots, each replaced atomically (several workers may write them)."""
+    """trials.md, best.py and the plots (pareto.png for several objectives), each replaced atomically (several
+    workers may write them)."""
     def put(name, text):
         tmp = os.path.join(sweep.sweep_dir, f".{name}.{os.getpid()}")
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, os.path.join(sweep.sweep_dir, name))
 
-    rows = ["| trial | state | value | params | steps | wall s | note |", "|---:|---|---:|---|---:|---:|---|"]
+    import matplotlib
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as plots
+
+    def plot(name, ax):
+        tmp = os.path.join(sweep.sweep_dir, f".{os.getpid()}.{name}")
+        ax.figure.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, os.path.join(sweep.sweep_dir, name))
+        matplotlib.pyplot.close(ax.figure)
+        return f"\n![{name}]({name})\n"
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    names = list(sweep.objectives) or ["value"]
+    front = {t.number for t in study.best_trials} if sweep.objectives and done else set()
+    rows = [f"| trial | state | {' | '.join(names)} | params | steps | wall s | note |",
+            f"|---:|---|{'---:|' * len(names)}---|---:|---:|---|"]
     for t in study.get_trials(deepcopy=False):
         note = "retry of trial %d" % t.system_attrs["failed_trial"] if "failed_trial" in t.system_attrs else ""
         note = (t.user_attrs.get("log_tail") or [""])[-1][:80] if t.user_attrs.get("crashed") else note
         note = "not run: the budget was full" if t.user_attrs.get("surplus") else note
         if t.state == TrialState.FAIL and not (t.user_attrs.get("crashed") or t.user_attrs.get("surplus")):
             note = "its worker died (no heartbeat); queued again"
-        value = f"{t.value:.4f}" if t.value is not None else "-"
-        rows.append(f"| {t.number} | {t.state.name.lower()} | {value} | {t.params} | {t.user_attrs.get('steps', '-')} "
-                    f"| {t.user_attrs.get('wall_s', '-')} | {note} |")
-    md = f"# Study {study.study_name}: {sweep.metric}, {study.direction.name.lower()}\n\n" + "\n".join(rows) + "\n"
+        note = "Pareto front" if t.number in front else note
+        values = " | ".join(f"{v:.4f}" for v in t.values) if t.values else " | ".join("-" * len(names))
+        rows.append(f"| {t.number} | {t.state.name.lower()} | {values} | {t.params} | "
+                    f"{t.user_attrs.get('steps', '-')} | {t.user_attrs.get('wall_s', '-')} | {note} |")
+    what = ", ".join(f"{n}: {o.direction} the mean of {', '.join(o.metrics)}" for n, o in sweep.objectives.items())
+    md = f"# Study {study.study_name}: {what or f'{sweep.metric}, {study.direction.name.lower()}'}\n\n"
+    md += "\n".join(rows) + "\n"
     put("trials.md", md)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not done:
+        return
+    if sweep.objectives:  # no single best trial: the front, each trial labelled by its number
+        if len(names) > 1:
+            md += plot("pareto.png", plots.plot_pareto_front(study, target_names=names))
+        put("trials.md", md)
         return
     best = study.best_trial
     chosen = train.load_config(sweep.train_args + [f"--{k}={v!r}" for k, v in suggest(best, sweep.space).items()])
@@ -304,19 +389,9 @@ def write_results(study, sweep, base_args):
     lines += [f"{k} = {getattr(chosen, k)!r}" + ("  # searched" if k in sweep.space else "") for k in keys
               if k != "out_dir"]
     put("best.py", "\n".join(lines + [f"out_dir = {os.path.join(sweep.sweep_dir, 'best')!r}"]) + "\n")
-    import matplotlib
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as plots
-    for name, plot in (("history.png", plots.plot_optimization_history), ("importances.png",
-                                                                          plots.plot_param_importances)):
-        if name == "importances.png" and (len(done) < 2 or not sweep.space):
-            continue  # importances need two finished trials
-        ax = plot(study)
-        tmp = os.path.join(sweep.sweep_dir, f".{os.getpid()}.{name}")
-        ax.figure.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, os.path.join(sweep.sweep_dir, name))
-        matplotlib.pyplot.close(ax.figure)
-        md += f"\n![{name}]({name})\n"
+    md += plot("history.png", plots.plot_optimization_history(study))
+    if len(done) >= 2 and sweep.space:  # importances need two finished trials
+        md += plot("importances.png", plots.plot_param_importances(study))
     put("trials.md", md)  # again, with the plots
 
 
@@ -335,7 +410,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", required=True, help="the search space file (see config/sweep_tiny.py)")
-    ap.add_argument("--n_trials", type=int, required=True, help="trials in the study, shared by all its workers")
+    ap.add_argument("--n_trials", type=int, help="trials in the study, shared by all its workers (--grid: default "
+                                                  "the grid's size)")
+    ap.add_argument("--grid", action="store_true", help="every combination of the space's choices and variants once")
     ap.add_argument("--storage", help="sqlite:///..., postgresql://..., or journal:PATH (default: SQLite in the "
                                       "sweep dir)")
     ap.add_argument("--study", help="study name (default: the space file's name)")
@@ -346,15 +423,22 @@ def main(argv=None):
     args, train_args = ap.parse_known_args(argv)
     try:
         cfg = train.load_config(train_args)
+        space, objectives = load_space(args.space, train_args)
+        grid = grid_of(space) if args.grid else None
+        args.n_trials = args.n_trials or (math.prod(map(len, grid.values())) if grid else None)
+        if not args.n_trials:
+            raise SweepError("--n_trials is required without --grid: how many trials the study runs")
         if args.n_trials < 1 or args.nproc_per_node < 1 or args.heartbeat < 1:
             raise SweepError("--n_trials, --nproc_per_node and --heartbeat must be at least 1")
-        sweep = Sweep(train_args, load_space(args.space, train_args), "", cfg.early_stop_metric, args.nproc_per_node,
-                      args.n_trials)
+        sweep = Sweep(train_args, space, "", cfg.early_stop_metric, args.nproc_per_node, args.n_trials, objectives)
         name = args.study or os.path.splitext(os.path.basename(args.space))[0]
         sweep.sweep_dir = args.sweep_dir or os.path.join("out", "sweeps", name)
         os.makedirs(sweep.sweep_dir, exist_ok=True)
-        direction = "minimize" if cfg.early_stop_mode == "min" else "maximize"
-        study, heartbeat = open_study(args.storage, name, direction, sweep.sweep_dir, args.heartbeat, args.seed)
+        modes = [o.direction for o in objectives.values()] or [cfg.early_stop_mode]
+        sampler = optuna.samplers.GridSampler(grid, seed=args.seed) if grid else optuna.samplers.TPESampler(
+            seed=args.seed)
+        study, heartbeat = open_study(args.storage, name, ["minimize" if m == "min" else "maximize" for m in modes],
+                                      sweep.sweep_dir, args.heartbeat, sampler)
         prepare_data_once(cfg, sweep.sweep_dir)
     except (SweepError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -369,10 +453,13 @@ def main(argv=None):
             what = t.user_attrs["log_tail"][-1][:120] if t.user_attrs.get("log_tail") else ""
         elif t.user_attrs.get("surplus"):
             what = "not run: the budget was full"
+        elif objectives:
+            what = ", ".join(f"{n} {v:.4f}" for n, v in zip(objectives, t.values)) if t.values else ""
         else:
             what = f"{sweep.metric} {t.value:.4f}" if t.value is not None else ""
         complete = [x for x in study.get_trials(deepcopy=False) if x.state == TrialState.COMPLETE]
-        best = f"; best {study.best_value:.4f} (trial {study.best_trial.number})" if complete else ""
+        best = f"; best {study.best_value:.4f} (trial {study.best_trial.number})" if complete and not objectives \
+            else f"; {len(study.best_trials)} on the Pareto front" if complete else ""
         print(f"trial {t.number} {t.state.name.lower()} {what} {t.params} | {finished}/{args.n_trials} done{best} "
               f"| {time.time() - sweep.started:.0f}s", flush=True)
         write_results(study, sweep, base_args)
@@ -392,7 +479,7 @@ def main(argv=None):
         else:
             break
     write_results(study, sweep, base_args)
-    written = [n for n in ("trials.md", "best.py", "history.png", "importances.png")
+    written = [n for n in ("trials.md", "best.py", "history.png", "importances.png", "pareto.png")
                if os.path.exists(os.path.join(sweep.sweep_dir, n))]
     print(f"results in {sweep.sweep_dir}: {', '.join(written)}", flush=True)
     return 0

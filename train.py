@@ -472,7 +472,8 @@ def main(args):
     export_path = os.path.join(cfg.out_dir, "best") if saved and master else None
     monitor.finish(dict(stop_reason=stop_reason, best_metric=p.early_stop.best, best_step=p.early_stop.best_step,
                         steps=p.step, tokens=p.tokens, epochs=loader.epochs(), best_metric_name=cfg.early_stop_metric,
-                        checkpoints=saved, export_path=export_path, final_eval=metrics))
+                        checkpoints=saved, export_path=export_path, final_eval=metrics or None,  # None: the last
+                        trainable_params=sum(w.numel() for w in model.parameters() if w.requires_grad)))  # eval logged
     if export_path:  # after the summary and its loss plot, which the model card shows
         best = ckpt.best_checkpoint(cfg.out_dir, cfg.early_stop_mode == "max") or saved[-1]
         best = remote.complete(mirror, best) if mirror else best  # nodes without a shared disk hold part of it

@@ -8,10 +8,11 @@ Usage:
       --truthfulqa mc_task.json --limit 50
   python validate.py --samples out/validate/samples.jsonl --tasks js-exec humaneval   # no model needed
 
-Tasks: ppl xml mdx js fim js-exec humaneval mbpp mmlu truthfulqa codebleu (default: all whose inputs are present).
+Tasks: ppl xml mdx js py fim js-exec humaneval mbpp mmlu truthfulqa codebleu (default: all whose inputs are present).
 Each is one file in evals/, shared with train.py's in-loop eval: ppl is the val loss, perplexity and
 accuracy per language that train.py logs, on the same batches when the checkpoint says how it was trained;
-xml/mdx/js report valid_rate (the whole document parses) and prefix_valid_rate (no error before the end);
+xml/mdx/js report valid_rate (the whole document parses) and prefix_valid_rate (no error before the end); py
+the same for function bodies written after a header (ast.parse; retention of a base model's Python);
 fim cuts a line and a block out of val documents and scores the infilled middle (exact match, validity)
 beside what the model writes left to right after the prefix alone.
 A run dir means its newest checkpoint that verifies, as resume=auto picks it.
@@ -43,9 +44,9 @@ from model.export import VALIDATIONS, run_dir
 from model.phi import ModelLoadError, Phi
 
 TASKS = {"ppl": loss.evaluate, "xml": lambda r: domain.evaluate(r, "xml"), "mdx": lambda r: domain.evaluate(r, "mdx"),
-         "js": lambda r: domain.evaluate(r, "js"), "fim": fim.evaluate, "js-exec": js_exec.evaluate,
-         "humaneval": humaneval.evaluate,
-         "mbpp": mbpp.evaluate, "mmlu": mmlu.evaluate, "truthfulqa": truthfulqa.evaluate, "codebleu": codebleu.evaluate}
+         "js": lambda r: domain.evaluate(r, "js"), "py": lambda r: domain.evaluate(r, "py"), "fim": fim.evaluate,
+         "js-exec": js_exec.evaluate, "humaneval": humaneval.evaluate, "mbpp": mbpp.evaluate, "mmlu": mmlu.evaluate,
+         "truthfulqa": truthfulqa.evaluate, "codebleu": codebleu.evaluate}
 NEED_MODEL = ("ppl", "fim", "mmlu", "truthfulqa")  # likelihoods, or prompts cut from val data: no --samples
 
 

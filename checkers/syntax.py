@@ -1,8 +1,9 @@
-"""Syntax checks for generated XML, JavaScript and MDX. Nothing here runs the checked text.
+"""Syntax checks for generated XML, JavaScript, MDX and Python. Nothing here runs the checked text.
 
-    from checkers.syntax import check_xml, check_js, check_mdx, valid_prefix
+    from checkers.syntax import check_xml, check_js, check_mdx, check_py, valid_prefix
     check_xml("<a><b/></a>")                  # (True, None)
     check_js("let x = ;")                     # (False, "line 1: ...")
+    check_py("def f():\n    return 1\n")     # (True, None)
     check_mdx(["# Hi\n\n<Note>x</Note>\n"])   # [(True, None)]
     valid_prefix("xml", "<a><b>", err)        # True: only cut short
 
@@ -10,11 +11,14 @@ XML: lxml with entities, DTD loading and network off; documents that declare or 
 other than the predefined five are rejected (XXE, billion laughs), as is nesting deeper than
 libxml2's default limit of 256.
 JS: tree-sitter-javascript, then V8's own parser (`new vm.Script`) in the Node worker.
+Python: the interpreter's own parser (ast.parse; codeop for "only cut short"), never compile to run.
 MDX: the real @mdx-js/mdx 3 compiler in one persistent Node worker (checkers/node_worker.mjs,
 installed with `npm ci --prefix checkers`). Without it, an approximate check; mdx_exact() says which.
 Set SHEIKH_NO_NODE=1 to force the Node-free path.
 """
+import ast
 import atexit
+import codeop
 import json
 import os
 import queue
@@ -83,6 +87,14 @@ def _error_nodes(node, out):
     return out
 
 
+def check_py(text):
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # ValueError: a NUL byte
+        return False, f"line {getattr(e, 'lineno', None) or 1}: {getattr(e, 'msg', str(e))}"
+    return True, None
+
+
 # -----------------------------------------------------------------------------
 # documents cut short
 
@@ -101,6 +113,12 @@ def valid_prefix(lang, text, err):
     if lang == "mdx":  # an unclosed flow element or expression is what a cut-off document looks like
         return at_end or "end of file" in err or (err.split(": ", 1)[-1].startswith("Expected a closing tag")
                                                   and "before the end of" not in err)
+    if lang == "py":  # codeop answers "incomplete" (None) where more lines could still make it valid
+        try:
+            codeop.compile_command(text, symbol="exec")
+        except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError):
+            return False
+        return True
     data = text.encode("utf-8")
     bad = _error_nodes(JS_PARSER.parse(data).root_node, [])
     if not bad:  # tree-sitter is happy, V8 is not

@@ -157,6 +157,11 @@ def test_journal_storage_and_a_torchrun_trial(tiny_data, tmp_path):
     ("mixture = choice([])\n", "mixture = choice([]) has nothing to choose from"),
     ("learning_rate = 0.1\n", "learning_rate = 0.1 is not a distribution"),
     ("fsdp = choice(['full_shard', 'zero3'])\n", "config key 'fsdp' must be one of"),
+    ("arm = variants(a={}, b={'expand_layer': 1})\n",
+     "variant arm=b: unknown config key 'expand_layer' in flag --expand_layer=1; did you mean 'expand_layers'?"),
+    ("arm = variants(a=[1])\n", "variant arm=a must be a dict of config values, got [1]"),
+    ("seed = choice([1, 2])\ngain = objective('lower', 'val_loss/py')\n",
+     "objective gain needs a direction, 'min' or 'max', then eval metrics"),
 ])
 def test_bad_space_is_a_one_line_error_before_any_trial(tmp_path, capsys, space, message):
     (tmp_path / "space.py").write_text(space)
@@ -174,3 +179,31 @@ def test_unreachable_storage_is_a_one_line_error(tmp_path, capsys, storage):
                      f"--sweep_dir={tmp_path / 'sweep'}"])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith(f"error: cannot open storage {storage}: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("space, flags, message", [
+    ("learning_rate = loguniform(1e-4, 1e-2)\n", ["--grid"],
+     "--grid needs choice() or variants() for every key; learning_rate is a range: list its values with choice([...])"),
+    ("learning_rate = loguniform(1e-4, 1e-2)\n", [], "--n_trials is required without --grid"),
+])
+def test_grid_and_budget_errors(tmp_path, capsys, space, flags, message):
+    (tmp_path / "space.py").write_text(space)
+    rc = sweep.main(["config/tiny.py", f"--space={tmp_path / 'space.py'}", f"--sweep_dir={tmp_path / 'sweep'}",
+                     *flags])
+    err = capsys.readouterr().err
+    assert rc == 1 and err == f"error: {message}\n", err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_variants_and_objectives_in_a_space_file(tmp_path):
+    """A variant gives its config values, its name is what Optuna sees; the grid lists every combination;
+    _names are the file's own helpers; objectives are kept apart from the space."""
+    (tmp_path / "space.py").write_text(
+        "_lr = 1e-3\narm = variants(plain={}, wide=dict(expand_layers=1, learning_rate=_lr))\n"
+        "seed = choice([1, 2])\ngain = objective('min', 'val_loss/xml', 'val_loss/js')\n")
+    space, objectives = sweep.load_space(str(tmp_path / "space.py"), ["config/tiny.py"])
+    assert set(space) == {"arm", "seed"} and list(objectives) == ["gain"]
+    assert objectives["gain"].direction == "min" and objectives["gain"].metrics == ("val_loss/xml", "val_loss/js")
+    assert sweep.grid_of(space) == {"arm": ["plain", "wide"], "seed": ["1", "2"]}
+    trial = optuna.trial.FixedTrial({"arm": "wide", "seed": "2"})
+    assert sweep.suggest(trial, space) == {"expand_layers": 1, "learning_rate": 1e-3, "seed": 2}

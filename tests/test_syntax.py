@@ -3,7 +3,8 @@ import time
 
 import pytest
 
-from checkers.syntax import check_js, check_mdx, check_mdx_approx, check_xml, mdx_exact, node_available, valid_prefix
+from checkers.syntax import (check_js, check_mdx, check_mdx_approx, check_py, check_xml, mdx_exact, node_available,
+                             valid_prefix)
 
 needs_node = pytest.mark.skipif(not node_available(), reason="node is not installed")
 
@@ -126,7 +127,19 @@ def test_valid_prefix_tells_cut_short_from_wrong():
              ("xml", "<a>\n  <b x=1>and more", False),
              ("js", "function f(a) {\n  return a +", True),
              ("js", "function f(a) {\n  return a + ;\n  let x = 1;\n  if (x) {", False),
-             ("mdx", "# T\n\n<Note>\nunclosed", True), ("mdx", "a <3 b\n\nmore\n\n<Note>", False)]
+             ("mdx", "# T\n\n<Note>\nunclosed", True), ("mdx", "a <3 b\n\nmore\n\n<Note>", False),
+             ("py", "def f(a):\n    xs = [a,\n          2", True), ("py", "def f(a):\n", True),
+             ("py", "def f(a):\n    return )\n    x = [", False), ("py", "def f(a):\nreturn a", False)]
     for lang, text, want in cases:
-        ok, err = check_mdx([text])[0] if lang == "mdx" else check_xml(text) if lang == "xml" else check_js(text)
+        ok, err = check_mdx([text])[0] if lang == "mdx" else check_xml(text) if lang == "xml" else \
+            check_py(text) if lang == "py" else check_js(text)
         assert not ok and valid_prefix(lang, text, err) == want, (lang, text, err)
+
+
+def test_python_is_parsed_never_run(tmp_path):
+    assert check_py("def f(n):\n    return n + 1\n") == (True, None)
+    assert check_py("def f(n):\n    return n +\n") == (False, "line 2: invalid syntax")
+    assert check_py("x = 1\0") == (False, "line 1: source code string cannot contain null bytes")
+    marker = tmp_path / "ran"
+    assert check_py(f"open({str(marker)!r}, 'w')\n")[0] and not marker.exists()  # parsed, not executed
+    assert not check_py("(" * 300 + ")" * 300)[0]  # too deeply nested: an error, not a crash

@@ -333,3 +333,20 @@ def test_random_baseline_is_a_fresh_model_of_the_same_shape(random_hf, tiny_data
     rc, err = run_cli(["--ckpt", random_hf[0], "--random-baseline", "--compare", random_hf[1], "--out",
                        str(tmp_path / "x")], capsys)
     assert rc == 1 and "pass one" in err
+
+
+def test_python_validity_judges_the_function_body():
+    """validate.py --tasks py and train.py's py_valid: a held-out function's header is the prompt, the completion's
+    body (up to the next top-level line) is judged; cut short, only its finished lines are."""
+    doc = ('import os\n\n\n@cache\ndef size(path):\n    """Bytes."""\n    return os.path.getsize(path)\n\n\n'
+           'def long(x):\n' + "    x += 1\n" * 12 + "    return x\n\n\nclass A:\n    pass\n")
+    assert domain.py_headers(doc) == ['@cache\ndef size(path):\n    """Bytes."""\n']  # long() is over 10 lines
+    written = "\n    return n * 2\n\n\ndef other():\n    syntax error here ("
+    assert domain.scored("py", written) == "\n    return n * 2\n\n"  # the next function is not judged
+    assert domain.scored("xml", written) == written
+    for body, valid, so_far in [("\n    return n * 2\n\n", True, True),
+                                ("\n    total = [n,\n             n", False, True),   # cut inside a list
+                                ("\n    total = )\n    xs = [n,", False, False),  # an error before the cut
+                                ("\n    ret urn n", False, False)]:  # one unfinished line: nothing to judge yet
+        ok, err = domain.check_docs("py", ["def f(n):" + body])[0]
+        assert (ok, domain.prefix_ok("py", "def f(n):", body, ok, err)) == (valid, so_far), body
