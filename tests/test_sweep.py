@@ -184,7 +184,8 @@ def test_unreachable_storage_is_a_one_line_error(tmp_path, capsys, storage):
 @pytest.mark.parametrize("space, flags, message", [
     ("learning_rate = loguniform(1e-4, 1e-2)\n", ["--grid"],
      "--grid needs choice() or variants() for every key; learning_rate is a range: list its values with choice([...])"),
-    ("learning_rate = loguniform(1e-4, 1e-2)\n", [], "--n_trials is required without --grid"),
+    ("learning_rate = loguniform(1e-4, 1e-2)\n", [], "--n_trials is required without --grid: how many trials the "
+                                                     "study runs"),
 ])
 def test_grid_and_budget_errors(tmp_path, capsys, space, flags, message):
     (tmp_path / "space.py").write_text(space)
@@ -204,6 +205,7 @@ def test_variants_and_objectives_in_a_space_file(tmp_path):
     space, objectives = sweep.load_space(str(tmp_path / "space.py"), ["config/tiny.py"])
     assert set(space) == {"arm", "seed"} and list(objectives) == ["gain"]
     assert objectives["gain"].direction == "min" and objectives["gain"].metrics == ("val_loss/xml", "val_loss/js")
-    assert sweep.grid_of(space) == {"arm": ["plain", "wide"], "seed": ["1", "2"]}
+    assert sweep.grid_of(space) == [{"arm": "plain", "seed": "1"}, {"arm": "plain", "seed": "2"},
+                                    {"arm": "wide", "seed": "1"}, {"arm": "wide", "seed": "2"}]
     trial = optuna.trial.FixedTrial({"arm": "wide", "seed": "2"})
     assert sweep.suggest(trial, space) == {"expand_layers": 1, "learning_rate": 1e-3, "seed": 2}
