@@ -473,8 +473,14 @@ def plot_run(out_dir, path):
             alpha=0.6)  # callers of log_step may leave out the LR
     lr.set_ylabel("LR", color="tab:gray")
     fig.tight_layout()
+    return save_png(fig, path)
+
+
+def save_png(fig, path, **kw):
+    """Save matplotlib Figure `fig` as PNG `path` under a temporary name, then rename it: a reader (a markdown
+    viewer, a sync to the Hub) never sees half a picture. kw go to savefig. Returns path."""
     tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp)
+    fig.savefig(tmp, **kw)
     os.replace(tmp, path)
     return path
 

@@ -38,10 +38,11 @@ import ckpt
 from checkers import execute
 from checkers.syntax import mdx_exact, node_available
 from data.loader import DataError
-from evals import EvalError, codebleu, domain, fim, humaneval, js_exec, loss, mbpp, mmlu, truthfulqa
+from evals import EvalError, codebleu, domain, fim, fmt, humaneval, js_exec, loss, mbpp, mmlu, truthfulqa
 from evals.sampling import Run, Settings
 from model.export import VALIDATIONS, run_dir
 from model.phi import ModelLoadError, Phi
+from monitor import save_png
 
 TASKS = {"ppl": loss.evaluate, "xml": lambda r: domain.evaluate(r, "xml"), "mdx": lambda r: domain.evaluate(r, "mdx"),
          "js": lambda r: domain.evaluate(r, "js"), "py": lambda r: domain.evaluate(r, "py"), "fim": fim.evaluate,
@@ -142,10 +143,6 @@ def read_samples(path, js_problems):
     return samples, prompts, refs
 
 
-def fmt(v):
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
 def write_reports(out, runs, settings, from_samples=False):
     """runs: [(name, {task: metrics})]; a second run is shown beside the first with deltas (first - second)."""
     info = {k: v for k, v in execute.sandbox_info().items() if not k.startswith("_")}
@@ -225,10 +222,7 @@ def plot_rates(runs, path):
     ax.set(xlim=(0, 1), xlabel="rate")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
 
 
 def record_report(ckpt_path, out):

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data.format import data_tokenizer
 from data.loader import read_meta, val_batches
 
 ROWS = 8192  # fp32 logits for 8k positions at a time: 32k contexts fit
@@ -69,10 +70,9 @@ def evaluate(run):
     run's eval used (batch_size, block_size, eval_iters and world size from its config), so the numbers equal
     what train.py logged; other models on 4-row batches of up to 1024 tokens (fewer when a val split is small).
     With the FIM sentinels in the data, also val_loss_fim: the same batches with every document rearranged."""
-    from transformers import AutoTokenizer
     s, model, trained = run.settings, run.model, run.train_config
     meta = read_meta(s.data_dir)
-    data_tok = AutoTokenizer.from_pretrained(meta["tokenizer"], local_files_only=True)
+    data_tok = data_tokenizer(meta)
     if data_tok.get_vocab() != run.tokenizer.get_vocab():
         return {"skipped": f"{s.data_dir} was tokenized with another tokenizer than the model's"}, []
     batch, iters, world = trained.get("batch_size", 4), s.limit or trained.get("eval_iters", 20), run.train_world_size
@@ -98,14 +98,19 @@ def evaluate(run):
 
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, pairs, batch_size, desc="score"):
-    """Sum of log p(continuation | context) for each (context, continuation) string pair."""
+    """Sum of log p(continuation | context) for each (context, continuation) string pair, tokenized as
+    lm-evaluation-harness does: the context's trailing spaces move to the continuation, whose tokens are those the
+    whole string has after the context's count; the sequence is cut from the left to the context size + 1."""
     max_len = model.cfg.max_position_embeddings
     device = model.lm_head.weight.device
     out = []
     for b in tqdm(range(0, len(pairs), batch_size), desc=desc, leave=False):
         seqs = []
         for ctx, cont in pairs[b:b + batch_size]:
-            c, d = tokenizer.encode(ctx, add_special_tokens=False), tokenizer.encode(cont, add_special_tokens=False)
+            n = len(ctx) - len(ctx.rstrip())
+            ctx, cont = ctx[:len(ctx) - n], ctx[len(ctx) - n:] + cont
+            c = tokenizer.encode(ctx, add_special_tokens=False)
+            d = tokenizer.encode(ctx + cont, add_special_tokens=False)[len(c):]
             seqs.append(((c + d)[-(max_len + 1):], len(d)))
         T = max(len(s) for s, _ in seqs) - 1
         x = torch.zeros(len(seqs), T, dtype=torch.long)

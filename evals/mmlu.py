@@ -1,5 +1,10 @@
 """MMLU (Hendrycks et al., 2021) from the local CSV release or parquet: k-shot multiple choice, scored by
-the log-likelihood of each answer letter."""
+the log-likelihood of each answer letter.
+
+The prompt is lm-evaluation-harness's (its mmlu/default task): the subject's description, the first k dev
+questions of that subject with their answers, then the question; the choices are " A" ... " D". On the same file
+`lm_eval` scores the same prompts (evals/harness.py writes the task files).
+"""
 import csv
 import re
 from pathlib import Path
@@ -40,23 +45,28 @@ def load(path):
 
 
 def question(q, choices, answer=None):
-    text = q + "".join(f"\n{l}. {c}" for l, c in zip("ABCD", choices)) + "\nAnswer:"
+    text = q.strip() + "".join(f"\n{l}. {c}" for l, c in zip("ABCD", choices)) + "\nAnswer:"
     return text + (f" {'ABCD'[answer]}\n\n" if answer is not None else "")
+
+
+def description(subject):
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def prompts(test, dev, k):
+    """The k-shot prompt of each test question: its subject's first k dev questions (fewer if dev has fewer)."""
+    shots = {}
+    for row in dev:
+        shots.setdefault(row[0], []).append(row)
+    return [description(subject) + "".join(question(sq, sc, sa) for _, sq, sc, sa in shots.get(subject, [])[:k])
+            + question(q, choices) for subject, q, choices, _ in test]
 
 
 def evaluate(run):
     test, dev = load(run.settings.mmlu)
     test = test[:run.settings.limit]
-    shots = {}
-    for row in dev:
-        shots.setdefault(row[0], []).append(row)
     k = run.settings.mmlu_shots
-    pairs = []
-    for subject, q, choices, _ in test:
-        head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-        examples = "".join(question(sq, sc, sa) for _, sq, sc, sa in shots.get(subject, [])[:k])
-        ctx = head + examples + question(q, choices)
-        pairs += [(ctx, f" {l}") for l in "ABCD"]
+    pairs = [(ctx, f" {l}") for ctx in prompts(test, dev, k) for l in "ABCD"]
     lls = loglikelihoods(run.model, run.tokenizer, pairs, run.settings.batch_size, desc="mmlu: score")
     per_subject, rows = {}, []
     for i, (subject, q, choices, answer) in enumerate(test):

@@ -3,6 +3,7 @@
   python -m model.export out/tiny/ckpt/step-001500 hf/tiny        # config, safetensors shards + index, tokenizer
   python -m model.export out/tiny hf/tiny --max_shard_size=500MB   # a run dir: its newest checkpoint that verifies
   python -m model.export s3://bucket/runs/tiny hf/tiny --pack zst  # a remote run; + hf/tiny.tar.zst to distribute
+  python -m model.export out/tiny hf/tiny --gguf --gguf_type q8_0   # + hf/tiny.q8_0.gguf for llama.cpp and ollama
 
 Every export carries a model card (README.md with the Hub's YAML front matter): how the checkpoint was trained, the
 latest validate.py report of it, and how to prompt it for infilling.
@@ -27,6 +28,8 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader
 import ckpt
 import remote
 from data.fim import FIM_TOKENS
+from evals import fmt
+from model.gguf import GGUFError, check_type, gguf_path, gguf_vocab, write_gguf
 from model.phi import ModelLoadError, Phi, PhiConfig
 
 
@@ -173,7 +176,7 @@ def model_card(ckpt_path, state, meta, out_dir):
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seconds":
                     other = runs[1]["tasks"].get(task, {}).get(k, "") if len(runs) > 1 else None
-                    body.append(f"| {task} | {k} | {_num(v)} |" + (f" {_num(other)} |" if other is not None else ""))
+                    body.append(f"| {task} | {k} | {fmt(v)} |" + (f" {fmt(other)} |" if other is not None else ""))
     else:
         body.append(f"Not validated yet: `python validate.py --ckpt {ckpt_path}` (then export again).")
     body += ["", "## Infilling", ""]
@@ -193,17 +196,20 @@ def model_card(ckpt_path, state, meta, out_dir):
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body) + "\n")
 
 
-def _num(v):
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def export(ckpt_path, out_dir, max_shard_size="2GB"):
-    """Write an HF model dir from a training checkpoint (weights, config, the run's tokenizer, a model card);
-    returns out_dir."""
+def export(ckpt_path, out_dir, max_shard_size="2GB", gguf_type=None):
+    """Write an HF model dir from a training checkpoint (weights, config, the run's tokenizer, a model card),
+    and with gguf_type the GGUF file beside it (gguf_path); returns out_dir."""
+    if gguf_type:
+        check_type(gguf_type)
     model, state = _model_from_ckpt(ckpt_path)
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     meta = _data_meta(state)
     tok = _tokenizer_dir(meta)
+    if gguf_type:  # a missing tokenizer, or one llama.cpp cannot read, fails here, before anything is written
+        if tok is None:
+            raise GGUFError(f"{ckpt_path}: no tokenizer for the GGUF file (its config.data_dir/meta.json names none "
+                            f"that exists here): export where the run's data dir is, or without --gguf")
+        gguf_vocab(tok)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     if tok is None:
         warnings.warn(f"{ckpt_path}: no tokenizer found via config.data_dir/meta.json; exported without one")
     else:
@@ -221,6 +227,8 @@ def export(ckpt_path, out_dir, max_shard_size="2GB"):
     if os.path.isfile(loss_png):
         shutil.copy2(loss_png, os.path.join(out_dir, "loss.png"))
     model_card(ckpt_path, state, meta, out_dir).save(os.path.join(out_dir, "README.md"))
+    if gguf_type:
+        write_gguf(out_dir, gguf_path(out_dir, gguf_type), gguf_type)
     return out_dir
 
 
@@ -243,11 +251,18 @@ def main(argv=None):
     ap.add_argument("out", help="output dir for the HF model")
     ap.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard (default 2GB)")
     ap.add_argument("--pack", choices=["zst", "gz", "bz2", "xz"], help="also write OUT.tar.<PACK> of the HF dir")
+    ap.add_argument("--gguf", action="store_true", help="also write OUT.<GGUF_TYPE>.gguf for llama.cpp and ollama")
+    ap.add_argument("--gguf_type", help="f16 (default) or q8_0")
     args = ap.parse_args(argv)
     try:
+        if args.gguf_type and not args.gguf:
+            raise GGUFError("--gguf_type needs --gguf")
+        gguf_type = (args.gguf_type or "f16") if args.gguf else None
         with tempfile.TemporaryDirectory() as tmp:  # a URL's checkpoint is downloaded (and verified) here
             path = remote.pull(args.ckpt, tmp) if "://" in args.ckpt else ckpt.resolve(args.ckpt)
-            print(export(path, args.out, args.max_shard_size))
+            print(export(path, args.out, args.max_shard_size, gguf_type))
+        if gguf_type:
+            print(gguf_path(args.out, gguf_type))
         if args.pack:
             print(remote.pack(args.out, f"{args.out.rstrip('/')}.tar.{args.pack}"))
     except (ckpt.CheckpointError, ModelLoadError, ValueError) as e:

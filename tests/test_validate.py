@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 import validate
 from checkers import execute
 from checkers.syntax import node_available
-from evals import EvalError, domain, execution, humaneval, js_exec, mbpp, mmlu
+from evals import EvalError, domain, execution, humaneval, js_exec, mbpp, mmlu, truthfulqa
 from evals.loss import loglikelihoods
 from model.export import load_for_inference
 
@@ -180,12 +180,18 @@ def test_hostile_xml_samples_fail_without_leaking(tmp_path, capsys):
 
 
 def test_loglikelihoods_match_full_forward(random_hf):
+    """Tokens as lm-evaluation-harness cuts them: the continuation is what the whole string has after the context's
+    tokens, and a context's trailing spaces belong to the continuation."""
     model, tok_dir = load_for_inference(random_hf[0])
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    pairs = [("<root><a>", "</a></root>"), ("function f(x) {", " return x; }"), ("Answer:", " B")]
+    pairs = [("<root><a>", "</a></root>"), ("function f(x) { ret", "urn x; }"), ("Answer:", " B"), ("Answer: ", "B")]
     got = loglikelihoods(model, tok, pairs, batch_size=2)
+    assert got[2] == pytest.approx(got[3], abs=1e-6)
+    assert tok.encode("function f(x) { ret") + tok.encode("urn x; }") != tok.encode("function f(x) { return x; }")
     for (ctx, cont), ll in zip(pairs, got):
-        c, d = tok.encode(ctx), tok.encode(cont)
+        ctx, cont = ctx.rstrip(), ctx[len(ctx.rstrip()):] + cont
+        c = tok.encode(ctx)
+        d = tok.encode(ctx + cont)[len(c):]
         with torch.no_grad():
             lp = model(torch.tensor([c + d]))[0].log_softmax(-1)
         want = sum(lp[len(c) - 1 + i, t].item() for i, t in enumerate(d))
@@ -299,8 +305,8 @@ def test_truthfulqa_mc1_mc2(random_hf, tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(tok_dir)
     mc1 = mc2 = 0.0
     for q, c1, c2, labels in questions:
-        ll1 = loglikelihoods(model, tok, [(f"Q: {q}\nA:", f" {a}") for a in c1], batch_size=4)
-        ll2 = loglikelihoods(model, tok, [(f"Q: {q}\nA:", f" {a}") for a in c2], batch_size=4)
+        ll1 = loglikelihoods(model, tok, [(truthfulqa.prompt(q), f" {a}") for a in c1], batch_size=4)
+        ll2 = loglikelihoods(model, tok, [(truthfulqa.prompt(q), f" {a}") for a in c2], batch_size=4)
         mc1 += int(np.argmax(ll1) == 0) / 2
         p = np.exp(np.array(ll2) - max(ll2))
         mc2 += p[np.array(labels) == 1].sum() / p.sum() / 2
