@@ -1,5 +1,6 @@
 """Sharded safetensors training checkpoints: atomic, verified, reshardable. Storage only: nothing here knows
-the model (python -m model.export gives it a shape); remote.py mirrors checkpoints to object storage.
+the model (python -m model.export gives it a shape). remote.py builds on this module's public functions: it mirrors
+checkpoints to object storage and runs the command line below.
 
 Usage (a URL works wherever a dir does for ls and verify: s3://, gs://, az://, file://):
   python ckpt.py ls OUT_DIR                      # one row per checkpoint under OUT_DIR/ckpt
@@ -20,9 +21,9 @@ Layout:
 No pickle on disk: shapes, dtypes and shard offsets live in each safetensors header, from which
 HuggingFaceStorageReader rebuilds DCP's metadata; every non-tensor is JSON. The checksum guards against accidents,
 not an attacker. Version 1 manifests hold sum64 (blind to reordered words); they still verify. Nodes need not share
-a disk: each commits its own ranks' files, and a remote holds the whole. Collective: save, load, find_resume, wait.
+a disk: each commits its own ranks' files, and a remote holds the whole. Collective: save, load, find_resume, wait,
+unshared_ranks, require_shared.
 """
-import argparse
 import errno
 import json
 import math
@@ -71,14 +72,16 @@ def _free_bytes(path):
 
 # -- small helpers: ranks, collectives, checksums, files ---------------------------------------------------------------
 
-def _rank_world():
+def rank_world():
+    """(rank, world size) of the default process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _gather(obj):
-    if _rank_world()[1] == 1:
+def gather(obj):
+    """Every rank's obj, in rank order (collective); [obj] in one process."""
+    if rank_world()[1] == 1:
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -168,6 +171,9 @@ class _Writer(HuggingFaceStorageWriter):
             tensors, offsets = {}, {}
             for item in plan.items:
                 t = planner.resolve_data(item).detach().cpu().contiguous()
+                if type(t) is not torch.Tensor:  # a subclass wrapping plain values (torchao's float8 weights)
+                    t, subclass = torch.empty(t.shape, dtype=t.dtype), t
+                    t.copy_(subclass)  # the subclass's copy_ writes its values into the plain tensor
                 if t.untyped_storage().nbytes() != t.nbytes:  # a view (e.g. of FSDP padding): own storage
                     t = t.clone()
                 tensors[item.index.fqn] = t
@@ -236,6 +242,37 @@ def _local_bytes(tree):
     return local.numel() * local.element_size()
 
 
+# -- one out_dir, or one per node --------------------------------------------------------------------------------------
+
+def unshared_ranks(path):
+    """Ranks that do not see rank 0's dir `path` (collective; every rank gets the same list): rank 0 writes a
+    probe file there, and every rank looks for it in its own `path`. Nodes without a shared disk are listed."""
+    rank, world = rank_world()
+    if world == 1:
+        return []
+    os.makedirs(path, exist_ok=True)
+    name = f".shared-{uuid.uuid4().hex}"  # a new name: no client cache of a network filesystem knows it yet
+    if rank == 0:
+        open(os.path.join(path, name), "w").close()
+    seen = gather(os.path.exists(os.path.join(path, gather(name)[0])))  # the first gather: rank 0 has written it
+    if rank == 0:
+        os.remove(os.path.join(path, name))
+    return [r for r, ok in enumerate(seen) if not ok]
+
+
+def require_shared(out_dir):
+    """Raise CheckpointError unless every rank sees rank 0's out_dir (collective): without a remote mirror, each
+    node would hold only its own ranks' shard files, so no checkpoint could be loaded or exported."""
+    apart = unshared_ranks(out_dir)
+    if apart:
+        who = (f"rank {apart[0]} does" if len(apart) == 1 else "ranks " + ", ".join(map(str, apart[:8]))
+               + (f" and {len(apart) - 8} more" if len(apart) > 8 else "") + " do")
+        raise CheckpointError(f"out_dir {out_dir} is not one shared directory: {who} not see the file rank 0 wrote "
+                              f"there, so no node would hold a whole checkpoint; put out_dir on a filesystem every "
+                              f"node mounts, or set remote= to an object store URL (s3://, gs://, az://) that every "
+                              f"checkpoint is mirrored to")
+
+
 # -- save --------------------------------------------------------------------------------------------------------------
 
 def save(out_dir, step, model, optimizer, train_state, metric=None, higher_is_better=False, keep_last=3, keep_best=1,
@@ -245,13 +282,13 @@ def save(out_dir, step, model, optimizer, train_state, metric=None, higher_is_be
     says. async_save (CUDA only, else ignored) returns once tensors are staged to CPU; the next save() or wait()
     commits. Raises CheckpointError; the previous checkpoint is never touched."""
     wait()
-    rank, world = _rank_world()
+    rank, world = rank_world()
     root = os.path.join(out_dir, "ckpt")
     final = os.path.join(root, f"step-{step:06d}")
     tmp = final + ".tmp"
     os.makedirs(root, exist_ok=True)
     tensors, groups, had_state = _state(model, optimizer)
-    info = _gather({"rng": _rng_state(), "bytes": _local_bytes(tensors), "free": _free_bytes(root)})
+    info = gather({"rng": _rng_state(), "bytes": _local_bytes(tensors), "free": _free_bytes(root)})
     need = int(sum(i["bytes"] for i in info) * 1.01) + (64 << 10) * world  # + headers, JSON with RNG states
     free = min(i["free"] for i in info)
     if free < need:
@@ -265,18 +302,13 @@ def save(out_dir, step, model, optimizer, train_state, metric=None, higher_is_be
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"train_state is not JSON-able: {e}") from e
     # rank 0 commits, and so does the first rank of each node that does not see rank 0's out_dir
-    marker = f".shared-{uuid.uuid4().hex}"
-    if rank == 0:  # every rank looks for it in its own out_dir: a node with its own disk does not see it
-        open(os.path.join(root, marker), "w").close()
-    shared = os.path.exists(os.path.join(root, _gather(marker)[0]))
-    committer = rank == 0 or (not shared and int(os.environ.get("LOCAL_RANK", 0)) == 0)
+    apart = rank in unshared_ranks(root)
+    committer = rank == 0 or (apart and int(os.environ.get("LOCAL_RANK", 0)) == 0)
     if committer:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
         os.makedirs(tmp)
     if world > 1:
         dist.barrier()
-    if rank == 0:
-        os.remove(os.path.join(root, marker))
     writer = _Writer(tmp)
 
     def cleanup():
@@ -284,7 +316,7 @@ def save(out_dir, step, model, optimizer, train_state, metric=None, higher_is_be
             shutil.rmtree(tmp, ignore_errors=True)
 
     def commit():
-        results, err = _gather(writer.sums), None
+        results, err = gather(writer.sums), None
         if committer:
             files = {k: v for sums in results for k, v in sums.items()}
             try:
@@ -293,7 +325,7 @@ def save(out_dir, step, model, optimizer, train_state, metric=None, higher_is_be
                 _retain(root, final, keep_last, keep_best, higher_is_better)
             except CheckpointError as e:
                 err = str(e)
-        err = next((e for e in _gather(err) if e), None)  # any committer's failure fails the save everywhere
+        err = next((e for e in gather(err) if e), None)  # any committer's failure fails the save everywhere
         if err:
             cleanup()
             raise CheckpointError(err)
@@ -309,6 +341,11 @@ def save(out_dir, step, model, optimizer, train_state, metric=None, higher_is_be
     _dcp_call(lambda: _retry_dcp(lambda: dcp.save(tensors, storage_writer=writer)), f"writing {tmp}", cleanup)
     commit()
     return final
+
+
+def saving():
+    """Whether an async save is still being written (its checkpoint dir appears when wait() commits it)."""
+    return _pending is not None
 
 
 def wait():
@@ -367,7 +404,7 @@ def _commit(root, tmp, final, step, metric, higher_is_better, world, state, file
     _fsync_dir(root)
 
 
-def _manifest(path, fs=LOCAL):
+def read_manifest(path, fs=LOCAL):
     """Checkpoint `path`'s manifest.json, or {} when it is missing or unreadable."""
     try:
         return dict(json.loads(fs.cat_file(posixpath.join(path, "manifest.json"))))
@@ -375,7 +412,8 @@ def _manifest(path, fs=LOCAL):
         return {}
 
 
-def _names(path, fs):
+def listdir(path, fs=LOCAL):
+    """Names in dir `path` on filesystem fs; [] when it is not a dir."""
     fs.invalidate_cache(path)  # object stores cache listings
     return [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
 
@@ -383,8 +421,8 @@ def _names(path, fs):
 def list_checkpoints(root, fs=LOCAL):
     """[(step, path, metric or None)] of committed checkpoint dirs under root, oldest first; never .tmp.
     On a remote (fs), a checkpoint without its manifest does not exist."""
-    found = [(int(m.group(1)), posixpath.join(root, n), _manifest(posixpath.join(root, n), fs))
-             for n in _names(root, fs) if (m := STEP_RE.match(n))]
+    found = [(int(m.group(1)), posixpath.join(root, n), read_manifest(posixpath.join(root, n), fs))
+             for n in listdir(root, fs) if (m := STEP_RE.match(n))]
     return sorted((step, path, man.get("metric")) for step, path, man in found if fs is LOCAL or man)
 
 
@@ -428,7 +466,8 @@ def verify(path, fs=LOCAL):
 
 
 def _check(path, part, nparts, only=None, parallel=True, fs=LOCAL):
-    """Check manifest.json and the files in slice [part::nparts] of it (ranks split the reading).
+    """Check manifest.json and its files: every part sees that each file is there with its size (a node without
+    rank 0's disk may lack some), and checksums the files of slice [part::nparts] (ranks split the reading).
     only: check just these files of the manifest. parallel: checksum on the thread pool. fs: where path is."""
     if not fs.isdir(path):
         return [f"{path}: not a directory"]
@@ -443,11 +482,13 @@ def _check(path, part, nparts, only=None, parallel=True, fs=LOCAL):
         return [f"{mpath}: unreadable ({type(e).__name__}: {e})"]
     problems = []
     if part == 0 and only is None:
-        extra = sorted(set(_names(path, fs)) - set(files) - {"manifest.json"})
+        extra = sorted(set(listdir(path, fs)) - set(files) - {"manifest.json"})
         problems += [f"{posixpath.join(path, name)}: not in manifest" for name in extra]
     if part == 0 and "train_state.json" not in files:
         problems.append(f"{mpath}: lists no train_state.json")
-    for name, size, algo, sums in [e for e in entries if only is None or e[0] in only][part::nparts]:
+    chosen = [e for e in entries if only is None or e[0] in only]
+    reading = {e[0] for e in chosen[part::nparts]}
+    for name, size, algo, sums in chosen:
         fpath = posixpath.join(path, name)
         if posixpath.basename(name) != name or name in ("", ".", ".."):
             problems.append(f"{mpath}: bad file name {name!r}")
@@ -455,15 +496,15 @@ def _check(path, part, nparts, only=None, parallel=True, fs=LOCAL):
             problems.append(f"{fpath}: missing")
         elif fs.size(fpath) != size:
             problems.append(f"{fpath}: size {fs.size(fpath)} != {size} in manifest (truncated?)")
-        elif _sums(fpath, parallel, algo, None if fs is LOCAL else fs) != sums:
+        elif name in reading and _sums(fpath, parallel, algo, None if fs is LOCAL else fs) != sums:
             problems.append(f"{fpath}: checksum mismatch (corrupt)")
     return problems
 
 
 def _verify_all(path):
-    """verify() with the reading split across ranks (collective)."""
-    rank, world = _rank_world()
-    return [p for ps in _gather(_check(path, rank, world)) for p in ps]
+    """verify() with the reading split across ranks (collective); each problem once."""
+    rank, world = rank_world()
+    return list(dict.fromkeys(p for ps in gather(_check(path, rank, world)) for p in ps))
 
 
 def find_resume(out_dir, resume="auto"):
@@ -482,7 +523,7 @@ def find_resume(out_dir, resume="auto"):
         problems = _verify_all(path)
         if not problems:
             return path
-        if _rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             warnings.warn(f"skipping checkpoint {path}: {problems[0]}", stacklevel=2)
     return None
 
@@ -494,8 +535,8 @@ def load(path, model, optimizer):
     state (what save() got, plus "ckpt"). Collective. Checksums run beside the read, so a mismatch raises after it,
     with the model holding part of the checkpoint: call find_resume first (train.py does)."""
     wait()
-    rank, world = _rank_world()
-    problems = [p for ps in _gather(_check(path, 0, 1, only={"train_state.json"})) for p in ps]
+    rank, world = rank_world()
+    problems = [p for ps in gather(_check(path, 0, 1, only={"train_state.json"})) for p in ps]
     if problems:  # train_state.json first: its numbers shape the load
         raise CheckpointError(f"cannot load {path}: {problems[0]}")
     state = json.loads(LOCAL.cat_file(os.path.join(path, "train_state.json")))
@@ -513,7 +554,7 @@ def load(path, model, optimizer):
         try:
             _dcp_call(lambda: dcp.load(tensors, storage_reader=reader), f"loading {path}")
         finally:
-            problems = [p for ps in _gather(check.result()) for p in ps]  # a damaged file may be why DCP failed
+            problems = [p for ps in gather(check.result()) for p in ps]  # a damaged file may be why DCP failed
             if problems:
                 raise CheckpointError(f"cannot load {path}: {problems[0]}")
     groups = [{k: tuple(v) if isinstance(cur.get(k), tuple) else v for k, v in saved.items()}
@@ -562,36 +603,6 @@ def train_state(path):
         raise CheckpointError(f"{file}: unreadable ({e}); the checkpoint is damaged") from None
 
 
-# -- CLI ---------------------------------------------------------------------------------------------------------------
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\nLayout")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    for cmd, help, args in [("ls", "table of the checkpoints under OUT_DIR/ckpt", ["out_dir"]),
-                            ("verify", "check sizes and checksums; exit 0 only if complete", ["ckpt"]),
-                            ("push", "upload checkpoint CKPT to run root URL, manifest last", ["ckpt", "url"]),
-                            ("pull", "download URL's checkpoint (a run root: its newest) into OUT_DIR/ckpt",
-                             ["url", "out_dir"]),
-                            ("pack", "write checkpoint CKPT as one compressed archive", ["ckpt", "archive"]),
-                            ("unpack", "extract ARCHIVE into DIR/step-N, safely, verified", ["archive", "dir"])]:
-        p = sub.add_parser(cmd, help=help)
-        for a in args:
-            p.add_argument(a)
-    a = ap.parse_args(argv)
-    import remote  # it builds on this module (as `ckpt`, whose CheckpointError it raises), so it comes last
-    try:
-        if a.cmd == "verify":
-            fs, path = remote.locate(a.ckpt)
-            problems = verify(path, fs)
-            print("\n".join(problems) if problems else f"{a.ckpt}: ok")
-            return 1 if problems else 0
-        print(remote.command(a))
-        return 0
-    except (CheckpointError, remote.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command line reads URLs too, so it lives in remote.py, which builds on this module
+    import remote
+    sys.exit(remote.main())

@@ -14,7 +14,11 @@ Order is the contract: shard files first (each rank its own, so nodes need not s
 train_state.json, then manifest.json, then latest. A remote checkpoint without its manifest does not exist for
 any reader here. A failed upload is retried by the backend's own retry policy only; then it is an event, never a
 stop, and the next checkpoint's upload catches up.
+
+This module builds on ckpt.py's public functions only, and ckpt.py never imports it; ckpt.py's command line
+(main below) lives here because it reads URLs too.
 """
+import argparse
 import os
 import posixpath
 import shutil
@@ -25,6 +29,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import fsspec
 import torch.distributed as dist
@@ -70,7 +75,7 @@ def probe(url):
 
 def _sizes_ok(fs, path):
     """Cheap completeness of a remote checkpoint: every file its manifest lists is there with its size."""
-    files = ckpt._manifest(path, fs).get("files", {})
+    files = ckpt.read_manifest(path, fs).get("files", {})
     try:
         return bool(files) and all(fs.size(posixpath.join(path, n)) == e["size"] for n, e in files.items())
     except (OSError, KeyError, TypeError):
@@ -107,7 +112,7 @@ def _download(fs, src, final):
     stage = f"{final}.pull-{uuid.uuid4().hex[:8]}"
     os.makedirs(stage)
     try:
-        files = ckpt._manifest(src, fs).get("files")
+        files = ckpt.read_manifest(src, fs).get("files")
         if not files:
             raise CheckpointError(f"{fs.unstrip_protocol(src)}: no readable manifest.json")
         for name in [*sorted(files), "manifest.json"]:
@@ -136,7 +141,7 @@ def push(path, url):
         raise CheckpointError(f"cannot push {path}: {problems[0]}")
     fs, root = probe(url)
     dest = posixpath.join(root, "ckpt", os.path.basename(os.path.abspath(path)))
-    shards = sorted(set(ckpt._manifest(path)["files"]) - {"train_state.json"})
+    shards = sorted(set(ckpt.read_manifest(path)["files"]) - {"train_state.json"})
     try:
         for i, name in enumerate(shards, 1):
             print(f"push: {name} ({os.path.getsize(os.path.join(path, name)) / 1e6:.1f} MB, {i}/{len(shards)})")
@@ -197,10 +202,11 @@ def open_mirror(cfg):
         fs, root = probe(cfg.remote)
     except CheckpointError as e:
         err = str(e)
-    err = next((e for e in ckpt._gather(err) if e), None)
+    err = next((e for e in ckpt.gather(err) if e), None)
     if err:
         raise CheckpointError(err)
-    group = dist.new_group(backend="gloo") if ckpt._rank_world()[1] > 1 else None
+    world = ckpt.rank_world()[1]  # the uploads' group fails after dist_timeout too, as training's does
+    group = dist.new_group(backend="gloo", timeout=timedelta(minutes=cfg.dist_timeout)) if world > 1 else None
     return Mirror(cfg.remote.rstrip("/"), fs, root.rstrip("/"), cfg.keep_last, cfg.keep_best,
                   cfg.early_stop_mode == "max", cfg.remote_warn_after, group)
 
@@ -221,9 +227,9 @@ def _gather(m, obj):
 
 
 def _upload(m, path, step, job):
-    rank = ckpt._rank_world()[0]
+    rank = ckpt.rank_world()[0]
     dest, t = posixpath.join(m.root, "ckpt", os.path.basename(path)), time.time()
-    while ckpt._pending is not None and not os.path.isdir(path):  # an async save (CUDA) not committed yet
+    while ckpt.saving() and not os.path.isdir(path):  # an async save (CUDA) not committed yet
         time.sleep(0.5)
     err = "superseded" if len(m.jobs) > job + 1 else None  # a newer checkpoint is queued: it is what matters
     if err is None:
@@ -261,7 +267,7 @@ def _retain(m, dest):
     ever sees it half deleted; step dirs without a manifest are failed uploads."""
     root = posixpath.join(m.root, "ckpt")
     keep = ckpt.kept(ckpt.list_checkpoints(root, m.fs), dest, m.keep_last, m.keep_best, m.higher_is_better)
-    for name in ckpt._names(root, m.fs):
+    for name in ckpt.listdir(root, m.fs):
         path = posixpath.join(root, name)
         if ckpt.STEP_RE.match(name) and path not in keep:
             if m.fs.exists(posixpath.join(path, "manifest.json")):
@@ -293,15 +299,18 @@ def complete(m, path):
 
 
 def restore(m, out_dir, local):
-    """resume=auto: the newest complete remote checkpoint when it is newer than `local` (the newest local one that
-    verifies, or None), downloaded into out_dir/ckpt and verified. Collective: rank 0 picks for every rank. The
-    first rank of each node downloads on a thread while all ranks meet once a second, so no collective ever waits
-    on the download, whatever its length: the process group's timeout cannot fire. -> the path to load"""
-    rank = ckpt._rank_world()[0]
+    """resume=auto and rollbacks: the newest complete remote checkpoint when it is newer than `local` (the newest
+    local one that verifies, or None), downloaded into out_dir/ckpt and verified. Collective: rank 0 picks for every
+    rank, once this run's uploads in flight are done. The first rank of each node downloads on a thread while all
+    ranks meet once a second, so no collective ever waits on the download, whatever its length: the process
+    group's timeout cannot fire. -> the path to load"""
+    for job in m.jobs:  # a rollback may need the checkpoint still being uploaded
+        job.result()
+    rank = ckpt.rank_world()[0]
     src = resolve(m.url, m.fs, m.root) if rank == 0 else None
     local_step = int(ckpt.STEP_RE.match(os.path.basename(local)).group(1)) if local else -1
-    src = ckpt._gather(src if src and int(ckpt.STEP_RE.match(posixpath.basename(src)).group(1)) > local_step
-                       else None)[0]
+    src = ckpt.gather(src if src and int(ckpt.STEP_RE.match(posixpath.basename(src)).group(1)) > local_step
+                      else None)[0]
     if src is None:
         return local
     final = os.path.join(out_dir, "ckpt", posixpath.basename(src))
@@ -309,9 +318,9 @@ def restore(m, out_dir, local):
         print(f"remote: downloading {m.url}/ckpt/{posixpath.basename(src)} to {final}", flush=True)
     with ThreadPoolExecutor(1) as ex:
         job = ex.submit(_download, m.fs, src, final) if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None
-        while not all(ckpt._gather(job is None or bool(wait([job], timeout=1).done))):
+        while not all(ckpt.gather(job is None or bool(wait([job], timeout=1).done))):
             pass
-        err = next((e for e in ckpt._gather(job and job.exception() and _why(job.exception())) if e), None)
+        err = next((e for e in ckpt.gather(job and job.exception() and _why(job.exception())) if e), None)
     if err:
         raise CheckpointError(f"resume from {m.url}: {err}")
     return final
@@ -381,7 +390,7 @@ def unpack(archive, dest):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-# -- ckpt.py's commands beyond ls and verify ----------------------------------------------------------------------------
+# -- ckpt.py's command line ---------------------------------------------------------------------------------------------
 
 def table(fs, out_dir):
     """ckpt.py ls: one row per checkpoint under out_dir/ckpt on filesystem fs, each verified."""
@@ -390,13 +399,14 @@ def table(fs, out_dir):
     if not ckpts:
         raise CheckpointError(f"no checkpoints in {root}")
     latest = fs.cat_file(latest).decode().strip() if fs.isfile(latest) else None
-    ranked = ckpt.best_first(ckpts, bool(ckpt._manifest(ckpts[-1][1], fs).get("higher_is_better")))  # as saved last
+    higher = bool(ckpt.read_manifest(ckpts[-1][1], fs).get("higher_is_better"))  # as the newest was saved
+    ranked = ckpt.best_first(ckpts, higher)
     rows = [f"{'step':>8}  {'metric':>10}  {'size':>10}  {'verifies':<8}  flags"]
     for step, path, metric in ckpts:
         problems = ckpt.verify(path, fs)
         flags = [f for f, on in (("latest", posixpath.basename(path) == latest),
                                  ("best", bool(ranked) and step == ranked[0][1])) if on]
-        size = sum(fs.size(posixpath.join(path, n)) for n in ckpt._names(path, fs))
+        size = sum(fs.size(posixpath.join(path, n)) for n in ckpt.listdir(path, fs))
         rows.append(f"{step:>8}  {'-' if metric is None else f'{metric:.4f}':>10}  {size / 1e6:>8.1f}MB  "
                     f"{'yes' if not problems else 'NO':<8}  {','.join(flags)}{'  ' + problems[0] if problems else ''}")
     return "\n".join(rows)
@@ -416,3 +426,32 @@ def command(a):
     if problems:
         raise CheckpointError(f"cannot pack {a.ckpt}: {problems[0]}")
     return pack(a.ckpt, a.archive)
+
+
+def main(argv=None):
+    """python ckpt.py COMMAND ... (ckpt.py's usage): local dirs and URLs alike. -> exit status"""
+    ap = argparse.ArgumentParser(prog="ckpt.py", description=ckpt.__doc__.split("\n\nLayout")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for cmd, help, args in [("ls", "table of the checkpoints under OUT_DIR/ckpt", ["out_dir"]),
+                            ("verify", "check sizes and checksums; exit 0 only if complete", ["ckpt"]),
+                            ("push", "upload checkpoint CKPT to run root URL, manifest last", ["ckpt", "url"]),
+                            ("pull", "download URL's checkpoint (a run root: its newest) into OUT_DIR/ckpt",
+                             ["url", "out_dir"]),
+                            ("pack", "write checkpoint CKPT as one compressed archive", ["ckpt", "archive"]),
+                            ("unpack", "extract ARCHIVE into DIR/step-N, safely, verified", ["archive", "dir"])]:
+        p = sub.add_parser(cmd, help=help)
+        for a in args:
+            p.add_argument(a)
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "verify":
+            fs, path = locate(a.ckpt)
+            problems = ckpt.verify(path, fs)
+            print("\n".join(problems) if problems else f"{a.ckpt}: ok")
+            return 1 if problems else 0
+        print(command(a))
+        return 0
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, run_train
+from helpers import ROOT, S3, run_train, stop
 
 sys.path.insert(0, ROOT)
 
@@ -31,3 +31,11 @@ def tiny_run(tmp_path_factory):
     run_train(["config/tiny.py", f"--out_dir={out}", f"--data_dir={root / 'data'}"], timeout=1200,
               env={"OMP_NUM_THREADS": "2"})
     return out
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 with a bucket "ckpts" (helpers.S3); its env holds the credentials."""
+    server = S3(tmp_path_factory.mktemp("s3"))
+    yield server
+    stop(server.proc)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ckpt
+import remote  # ckpt.py's command line (remote.main), which reads URLs too
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,9 +116,9 @@ def test_corrupt_shard_is_named_and_skipped(tmp_path, damage, capsys):
     with pytest.raises(ckpt.CheckpointError, match=f"cannot load {p2}: {shard}") as e:
         ckpt.load(p2, model, opt)  # checksums run while the shard is read; the error comes after the read
     assert "\n" not in str(e.value)
-    assert ckpt.main(["verify", p2]) == 1
+    assert remote.main(["verify", p2]) == 1
     assert shard in capsys.readouterr().out
-    assert ckpt.main(["verify", p1]) == 0
+    assert remote.main(["verify", p1]) == 0
 
 
 def test_missing_manifest_extra_file_and_bad_json(tmp_path):
@@ -242,7 +243,7 @@ def test_cli_ls_verify_help(tmp_path, capsys):
         ckpt.save(tmp_path, step, model, opt, {"step": step}, metric=metric)
     shard = tmp_path / "ckpt" / "step-000001" / "shard-00001-model-00001-of-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-1])
-    assert ckpt.main(["ls", str(tmp_path)]) == 0
+    assert remote.main(["ls", str(tmp_path)]) == 0
     rows = capsys.readouterr().out.splitlines()
 
     def size(step):  # every file of the checkpoint dir, in MB
@@ -251,12 +252,12 @@ def test_cli_ls_verify_help(tmp_path, capsys):
     assert rows[1].split()[:4] == ["1", "2.0000", size(1), "NO"] and str(shard) in rows[1]
     assert rows[2].split() == ["2", "1.0000", size(2), "yes", "best"]
     assert rows[3].split() == ["3", "1.5000", size(3), "yes", "latest"]
-    assert ckpt.main(["ls", str(tmp_path / "nothing")]) == 1
+    assert remote.main(["ls", str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: no checkpoints in") and err.count("\n") == 1
     for sub in ("ls", "verify"):
         with pytest.raises(SystemExit) as e:
-            ckpt.main([sub, "--help"])
+            remote.main([sub, "--help"])
         assert e.value.code == 0 and "usage: " in capsys.readouterr().out
     # the real script: exit status 1 and the file named
     r = subprocess.run([sys.executable, f"{ROOT}/ckpt.py", "verify", str(shard.parent)], capture_output=True, text=True)
@@ -272,7 +273,7 @@ def test_ranking_direction_is_explicit(tmp_path, capsys):
     assert [s for s, _, _ in ckpt.list_checkpoints(tmp_path / "ckpt")] == [2, 4]  # the best (0.9) and the newest
     assert ckpt.best_checkpoint(tmp_path, higher_is_better=True).endswith("step-000002")
     assert ckpt.best_checkpoint(tmp_path, higher_is_better=False).endswith("step-000004")
-    assert ckpt.main(["ls", str(tmp_path)]) == 0
+    assert remote.main(["ls", str(tmp_path)]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert rows[1].split()[0] == "2" and rows[1].split()[-1] == "best"
     assert ckpt.best_first([(1, "a", 0.5), (2, "b", 0.5), (3, "c", float("nan"))], True) == [(0.5, 1, "a"),

@@ -1,5 +1,5 @@
 """Issue 14: checkpoints mirrored to S3, GCS and Azure, and compressed archives. The object stores are real
-servers on 127.0.0.1, started here: SeaweedFS (S3), fake-gcs-server (GCS) and Azurite (Azure Blob)."""
+servers on 127.0.0.1: SeaweedFS (S3, conftest.py's `s3`), fake-gcs-server (GCS) and Azurite (Azure Blob)."""
 import contextlib
 import glob
 import io
@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -16,78 +15,14 @@ import time
 import pytest
 import torch
 
-from helpers import QUICK, ROOT, free_port, read_jsonl, run_train, train_losses
+from helpers import QUICK, ROOT, S3, free_port, read_jsonl, run_train, stop, train_losses, wait_port
 
 import ckpt
 import remote
 
 AZURITE = os.path.join(ROOT, "tests", "node_modules", ".bin", "azurite-blob")
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="  # its public dev key
-S3_USER = {"identities": [{"name": "test", "credentials": [{"accessKey": "testkey", "secretKey": "testsecret"}],
-                           "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
-
-
-def wait_port(port, proc, what, timeout=60):
-    deadline = time.time() + timeout
-    while True:
-        assert proc.poll() is None, f"{what} exited with {proc.returncode}"
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            assert time.time() < deadline, f"{what} did not listen on {port} within {timeout}s"
-            time.sleep(0.1)
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-class S3:
-    """`weed mini` (SeaweedFS) bound to 127.0.0.1, telemetry off, with one identity and no bucket auto-creation;
-    stop() and start() keep its data, as a server that goes down and comes back."""
-
-    def __init__(self, tmp):
-        self.dir, self.ports = str(tmp), {k: free_port() for k in ("master", "volume", "filer", "s3", "admin")}
-        os.makedirs(self.dir, exist_ok=True)
-        with open(os.path.join(self.dir, "s3.json"), "w") as f:
-            json.dump(S3_USER, f)
-        self.env = {"AWS_ACCESS_KEY_ID": "testkey", "AWS_SECRET_ACCESS_KEY": "testsecret",
-                    "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{self.ports['s3']}", "AWS_DEFAULT_REGION": "us-east-1"}
-        self.start()
-        for attempt in range(100):  # the S3 gateway answers before the filer behind it is ready
-            try:
-                self.fs().mkdir("ckpts")
-                break
-            except Exception:
-                time.sleep(0.2)
-
-    def start(self):
-        ports = [f"-{k}.port={p}" for k, p in self.ports.items()] + \
-            [f"-{k}.port.grpc={p + 10000}" for k, p in self.ports.items()]
-        self.proc = subprocess.Popen(
-            ["weed", "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-             f"-s3.config={self.dir}/s3.json", "-s3.autoCreateBucket=false", *ports],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.ports["s3"], self.proc, "SeaweedFS")
-
-    def fs(self):
-        import s3fs
-        return s3fs.S3FileSystem(key="testkey", secret="testsecret", endpoint_url=self.env["AWS_ENDPOINT_URL_S3"],
-                                 skip_instance_cache=True)
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = S3(tmp_path_factory.mktemp("s3"))
-    yield server
-    stop(server.proc)
+# the S3 server: the `s3` fixture in conftest.py (helpers.S3), shared with test_multinode.py
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +86,7 @@ def test_push_ls_verify_pull_per_cloud(tmp_path, scheme, request, monkeypatch, c
     url = f"{scheme}://ckpts/smoke-{scheme}"
 
     def run(*args):  # ckpt.py's CLI in this process (a subprocess per command costs seconds of imports)
-        assert ckpt.main(list(args)) == 0, capsys.readouterr()
+        assert remote.main(list(args)) == 0, capsys.readouterr()
         return capsys.readouterr().out
     assert run("push", path, url).strip().endswith(f"{url}/ckpt/step-000003")
     table = run("ls", url).splitlines()
