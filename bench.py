@@ -4,8 +4,10 @@
   python bench.py --what train,ckpt --json out/bench.json  # some measurements, JSON as well as the table
   python bench.py --config config/tiny.py --batch_size=16  # train.py config files and --key=value flags
   python bench.py --smoke --json /tmp/bench.json           # everything, small shapes, under a minute on a CPU
-  python bench.py --gpu-table                              # CUDA: phi-2 sized, T=2048, bf16, compile x AC rows;
-                                                           # each peak_memory row also holds plan.py's simulation
+  python bench.py --gpu-table --json $OUT/gpu.json         # one H100/H200, <= 8 minutes: phi-2 + 5 blocks at
+                                                           # T=2048 and 32k, AC, float8, HF, the CUDA-only paths;
+                                                           # each row in the JSON as soon as it is measured
+  python bench.py --gpu-table --smoke --json /tmp/gpu.json # the same rows on the CPU, tiny, in under a minute
 
 Each measurement is a JSON object: name, ours, baseline, unit, ratio (ours / baseline), better
 ("higher"/"lower") and details. The baselines:
@@ -28,10 +30,12 @@ Each measurement is a JSON object: name, ours, baseline, unit, ratio (ours / bas
 """
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import io
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -52,9 +56,11 @@ import transformers
 
 import ckpt
 import plan
-from model.phi import PhiConfig
-from monitor import Monitor, flops_per_token, peak_flops
-from model.parallel import apply_ac, apply_compile, build_model
+from model.phi import PRESETS, Phi, PhiConfig
+from monitor import Monitor, flops_per_token, non_embedding_params, peak_flops
+from model.parallel import (apply_ac, apply_compile, apply_op_ac, build_model, largest_micro_batch, parallel_model,
+                            scratch_config, shape)
+import train
 from train import DTYPES, Guard, adamw, load_config, train_step
 
 SCALER = torch.amp.GradScaler(enabled=False)  # no loss scaling on either side, fp16 included
@@ -64,7 +70,6 @@ SITE = sysconfig.get_paths()["purelib"]
 PREPARE_CORPUS = ["checkers/node_modules", *(os.path.join(SITE, p) for p in ("lxml", "matplotlib", "werkzeug",
                                                                              "jinja2"))]
 PREPARE_SMOKE = ["checkers/node_modules/micromark-core-commonmark"]  # 0.26 MB of the same
-GPU_TABLE = ["--model_preset=phi-2", "--block_size=2048", "--dtype=bfloat16", "--batch_size=1", "--grad_accum=1"]
 
 
 # -- train: ours and the HF loop, in fresh processes -------------------------------------------------------------------
@@ -94,10 +99,11 @@ def our_step(model, opt, batches, ctx, cfg, sharded, guard):
 
 
 def hf_step(model, opt, batches, ctx, cfg):
-    """The plain loop everyone writes: HF shifts `labels` itself, so it predicts T-1 tokens of x."""
+    """The plain loop everyone writes: HF shifts `labels` itself, so it predicts T-1 tokens of x. No KV cache: in
+    training it is dead weight, and it grows again in a checkpoint's recompute, which per-op AC refuses."""
     for x, _ in batches:
         with ctx:
-            loss = model(input_ids=x, labels=x).loss / len(batches)
+            loss = model(input_ids=x, labels=x, use_cache=False).loss / len(batches)
         loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     loss.item()
@@ -414,7 +420,6 @@ def bench_archive(tmp, smoke):
     import tarfile
 
     import remote
-    from model.phi import PRESETS, Phi
     torch.manual_seed(0)
     tiny = Phi(PhiConfig(**PRESETS["test" if smoke else "tiny"]))
     opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
@@ -543,6 +548,444 @@ def bench_monitor(cfg, tmp, pairs):
                 log_interval=n, sinks_on=sinks, step_clock=clock)]
 
 
+# -- the GPU table: one command for a lent GPU, each row written as it is measured (issue 25) --------------------------
+
+# The real shapes, and --smoke's: the same rows through the same code on the CPU, tiny, compile off, float8 emulated.
+# base: config/phi2_xml.py's model (phi-2 + 5 LLaMA-Pro blocks = 37) from random weights made on the device.
+GPU_SHAPES = dict(
+    real=dict(base=["config/phi2_xml.py", "--init_from=scratch", "--dtype=bfloat16", "--compile=True"],
+              short=["--block_size=2048", "--rope_scaling_factor=1.0"], long=["--block_size=32768"],  # RoPE x16
+              paths=dict(num_hidden_layers=2), steps=5, loss_steps=50, long_steps=2, oom_batch=1024, fault_oom=0,
+              budget=450, guard=180, long_guard=200, paths_guard=90, min_start=40, seqs=8, limit=64, long_limit=8),
+    smoke=dict(base=["config/phi2_xml.py", "--init_from=scratch", "--dtype=bfloat16", "--compile=False",
+                     "--model_preset=test", "--expand_layers=1", "--float8_emulate=True"],
+               short=["--block_size=64", "--rope_scaling_factor=1.0"], long=["--block_size=512"],
+               paths=dict(num_hidden_layers=2), steps=2, loss_steps=6, long_steps=1, oom_batch=8, fault_oom=2,
+               budget=90, guard=40, long_guard=40, paths_guard=40, min_start=5, seqs=4, limit=4, long_limit=4,
+               mem_gib=0.02))
+LEARNABLE = 1024  # tokens drawn from the first 1,024 ids: a loss that falls from ln(vocab) within a few steps
+
+
+def save_row(path, r):
+    """One row into the table's JSON at once, atomically, replacing a row of the same name: a call cut later
+    keeps every row measured before."""
+    with open(path) as f:
+        table = json.load(f)
+    names = [x["name"] for x in table["results"]]
+    if r["name"] in names:
+        table["results"][names.index(r["name"])] = r
+    else:
+        table["results"].append(r)
+    with open(path + ".tmp", "w") as f:
+        json.dump(table, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def load_rows(path):
+    with open(path) as f:
+        return {r["name"]: r for r in json.load(f)["results"]}
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device, dtype):
+    return torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "float32" else nullcontext()
+
+
+def _batches(cfg, vocab, n_steps, device):
+    """n_steps steps of grad_accum micro-batches, the same for every row with the same seed and shapes."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randint(0, min(LEARNABLE, vocab), (n_steps, cfg.grad_accum, cfg.batch_size, cfg.block_size + 1),
+                      generator=g).to(device)
+    return [[(m[:, :-1], m[:, 1:]) for m in step] for step in x]
+
+
+def _steps(step, all_batches, warmup, device):
+    """-> (wall seconds per step after warm-up, what every step returned). CUDA: synchronised before each clock
+    read."""
+    times, results = [], []
+    for batches in all_batches:
+        t = time.perf_counter()
+        results.append(step(batches))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times[warmup:], results
+
+
+def _speed(spec, mcfg, cfg, times, device, before):
+    """tokens/s, MFU with and without attention FLOPs, peak memory: the details every train row carries."""
+    dt = statistics.median(times)
+    tok_s = cfg.grad_accum * cfg.batch_size * cfg.block_size / dt
+    pf = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    attn = flops_per_token(mcfg, cfg.block_size)
+    return tok_s, dict(
+        group=spec["name"][0], step_ms=dt * 1e3, steps=len(times), micro_batch=cfg.batch_size,
+        grad_accum=cfg.grad_accum, block_size=cfg.block_size, layers=mcfg.num_hidden_layers,
+        ac=cfg.activation_checkpointing, float8=cfg.float8, compile=cfg.compile, dtype=cfg.dtype,
+        peak_mib=peak_bytes(device, before) / 2**20,
+        mfu_pct=100 * attn * tok_s / pf if pf else None, flops_per_token=attn,
+        # monitor.py's FLOPs count attention over the full T x T window (PaLM); a causal kernel does half of it
+        mfu_attention="counted, full T x T window (monitor.flops_per_token)",
+        mfu_pct_no_attention=100 * 6 * non_embedding_params(mcfg) * tok_s / pf if pf else None)
+
+
+def _gpu_train(spec, path):
+    """Our step, train.py's train_step, on the model parallel_model builds (float8, AC, compile), its random
+    weights made on the device; a constant LR (the config's peak)."""
+    cfg, device = load_config(spec["args"]), _device()
+    mcfg, _, new_layers = shape(cfg, scratch_config(cfg, 0), {}, 0)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
+    model, _ = parallel_model(cfg, mcfg, new_layers, DTYPES[cfg.dtype], 1, device.type)
+    model.to_empty(device=device)
+    torch.manual_seed(cfg.seed)
+    model.init_weights()
+    model.train()
+    opt, guard, ctx = adamw(model, cfg), Guard(), _autocast(device, cfg.dtype)
+    all_batches = _batches(cfg, mcfg.vocab_size, spec["warmup"] + spec["steps"], device)
+    reset_peak(device)
+    times, results = _steps(lambda b: train_step(model, opt, SCALER, b, ctx, cfg, guard, False, False, False),
+                            all_batches, spec["warmup"], device)
+    tok_s, details = _speed(spec, mcfg, cfg, times, device, before)
+    losses = details["losses"] = [loss for loss, _, _, _ in results]
+    skips = sum(verdict is not None for _, _, verdict, _ in results)  # a skipped step has no optimizer step
+    details["status"] = f"measured; the guard skipped {skips} steps" if skips else "measured"
+    base = load_rows(path).get(spec.get("baseline_row"), {})
+    if base.get("ours"):  # float8 against its bf16 twin: the same batches, step by step
+        details["loss_max_rel_diff"] = max(abs(a - b) / b for a, b in zip(losses, base["details"]["losses"]))
+    return row(spec["name"], tok_s, base.get("ours"), "tok/s", "higher", **details)
+
+
+def _gpu_hf(spec, path):
+    """transformers.PhiForCausalLM, the same shape, AC and compile, in bench's plain HF loop; ours is the best
+    row of (a), whose settings these are."""
+    cfg, device = load_config(spec["args"]), _device()
+    mcfg = shape(cfg, scratch_config(cfg, 0), {}, 0)[0]
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(**mcfg.to_hf_dict()))
+    if cfg.activation_checkpointing == "op":
+        apply_op_ac(model)
+    elif cfg.activation_checkpointing != "none":
+        apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
+    if cfg.compile:
+        apply_compile(model)
+    model.train()
+    opt, ctx = adamw(model, cfg), _autocast(device, cfg.dtype)
+    all_batches = _batches(cfg, mcfg.vocab_size, spec["warmup"] + spec["steps"], device)
+    reset_peak(device)
+    times, _ = _steps(lambda b: hf_step(model, opt, b, ctx, cfg), all_batches, spec["warmup"], device)
+    hf, details = _speed(spec, mcfg, cfg, times, device, before)
+    ours = load_rows(path).get(spec["baseline_row"], {}).get("ours")
+    return row(spec["name"], ours, hf, "tok/s", "higher", hf_tokens_per_s=hf, ours_row=spec["baseline_row"], **details)
+
+
+def _paths_model(spec, device):
+    """phi-2's width with few blocks, on the device: the paths that never ran need no more."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        return Phi(PhiConfig(**{**PRESETS[load_config(spec["args"]).model_preset], **spec["paths"]}))
+
+
+def _gpu_ckpt_async(spec, path):
+    """How long ckpt.save blocks the step loop with async_save (it returns once the tensors are staged on the
+    host), against a synchronous save of the same state; both checkpoints verified."""
+    cfg, device = load_config(spec["args"]), _device()
+    model = _paths_model(spec, device)
+    opt, ctx = adamw(model, cfg), _autocast(device, cfg.dtype)
+    batches = _batches(cfg, model.cfg.vocab_size, 4, device)
+    step = lambda b: train_step(model, opt, SCALER, b, ctx, cfg, Guard(), False, False, False)  # noqa: E731
+    step(batches[0])  # AdamW's state exists
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        sync = ckpt.save(os.path.join(tmp, "sync"), 1, model, opt, {})
+        sync_s = time.perf_counter() - t
+        t = time.perf_counter()
+        path_async = ckpt.save(os.path.join(tmp, "async"), 1, model, opt, {}, async_save=True)
+        blocked = time.perf_counter() - t
+        steps_s = _steps(step, batches[1:], 0, device)[0]  # the loop goes on while the files are written
+        ckpt.wait()
+        committed = time.perf_counter() - t
+        bad = ckpt.verify(sync) + ckpt.verify(path_async)
+        gb = sum(os.path.getsize(os.path.join(sync, f)) for f in os.listdir(sync)) / 1e9
+    return row(spec["name"], blocked, sync_s, "s", "lower", committed_s=committed, gb=gb, verify_problems=bad,
+               steps_while_writing_ms=[s * 1e3 for s in steps_s], params=sum(p.numel() for p in model.parameters()),
+               note=None if device.type == "cuda" else "CPU: ckpt.save writes synchronously (async is CUDA only)")
+
+
+def _offload_step(args, device):
+    """-> seconds of one step (after a warm-up step) through train.py's setup and build_model."""
+    cfg = load_config(args)
+    device = train.setup(cfg)[2] if cfg.cpu_offload else device  # offloading is FSDP's: a one-rank group
+    model, mcfg, sharded = build_model(cfg, 0, 0, 1, device, DTYPES[cfg.dtype])
+    opt, guard = adamw(model, cfg), Guard()
+    ctx = nullcontext() if sharded else _autocast(device, cfg.dtype)
+    step = lambda b: train_step(model, opt, SCALER, b, ctx, cfg, guard, sharded, False, False)  # noqa: E731
+    return _steps(step, _batches(cfg, mcfg.vocab_size, 2, device), 1, device)[0][0]
+
+
+def _gpu_cpu_offload(spec, path):
+    """One step with cpu_offload (FSDP keeps parameters, gradients and AdamW state in host memory), against the
+    same step without it."""
+    device = _device()
+    if device.type != "cuda":
+        return row(spec["name"], None, None, "ms", "lower", status="skipped: cpu_offload needs CUDA")
+    with tempfile.TemporaryDirectory() as tmp:
+        _paths_model(spec, "cpu").save_pretrained(tmp)
+        args = spec["args"] + [f"--init_from={tmp}", "--expand_layers=0"]
+        plain = _offload_step(args + ["--cpu_offload=False"], device)
+        offload = _offload_step(args + ["--cpu_offload=True"], device)
+    return row(spec["name"], offload * 1e3, plain * 1e3, "ms", "lower", baseline_is="the same step without it")
+
+
+def _gpu_auto_batch(spec, path):
+    """train.py's auto_batch_size (largest_micro_batch) from a micro-batch that cannot fit: halving on real
+    out-of-memory errors to one whose forward and backward run (--smoke: the fault_oom_above test hook)."""
+    cfg, device = load_config(spec["args"]), _device()
+    model = _paths_model(spec, device)
+    t = time.perf_counter()
+    bs = largest_micro_batch(model, spec["oom_batch"], cfg.block_size, model.cfg.vocab_size, device,
+                             _autocast(device, cfg.dtype), spec["fault_oom"])
+    tried = [spec["oom_batch"] >> i for i in range(spec["oom_batch"].bit_length()) if spec["oom_batch"] >> i >= bs]
+    return row(spec["name"], bs, None, "seqs", "higher", requested=spec["oom_batch"], out_of_memory_at=tried[:-1],
+               block_size=cfg.block_size, seconds=time.perf_counter() - t, fault_hook=spec["fault_oom"] or None)
+
+
+def _gpu_fp16(spec, path):
+    """10 steps in float16 with the GradScaler through train_step: finite losses, the scale moving. The scaler is
+    train.py's but grows after 2 clean steps (its default: 2000), so 10 steps show growth and back-off."""
+    cfg, device = load_config(spec["args"] + ["--dtype=float16"]), _device()
+    model = _paths_model(spec, device)
+    opt, guard, ctx = adamw(model, cfg), Guard(), _autocast(device, cfg.dtype)
+    scaler = torch.amp.GradScaler(device.type, growth_interval=2)
+    losses, scales, skipped = [], [], 0
+    for batches in _batches(cfg, model.cfg.vocab_size, 10, device):
+        loss, _, verdict, _ = train_step(model, opt, scaler, batches, ctx, cfg, guard, False, False, False)
+        losses.append(loss)
+        scales.append(scaler.get_scale())
+        skipped += verdict is not None
+    finite = sum(math.isfinite(v) for v in losses)
+    return row(spec["name"], finite, len(losses), "steps", "higher", losses=losses, scales=scales,
+               guard_skips=skipped, scale_moved=len(set(scales)) > 1)
+
+
+def _gpu_nvml(spec, path):
+    """The Monitor's system stats on this device: what metrics.jsonl gets every system_interval steps."""
+    device = _device()
+    with tempfile.TemporaryDirectory() as tmp:
+        mon = Monitor(tmp, {}, tensorboard=False, system_interval=1, device=device)
+        mon.log_step(1, dict(loss=1.0, dt=0.1, tokens=1))
+        mon.finish({"stop_reason": "bench"})
+        with open(os.path.join(tmp, "metrics.jsonl")) as f:
+            record = json.loads(f.readline())
+    gpu = {k: v for k, v in record.items() if k.startswith(("gpu/", "sys/"))}
+    return row(spec["name"], sum(k.startswith("gpu/") for k in gpu), 4, "stats", "higher", **gpu)
+
+
+def _row_main(spec, path):
+    """A row in its own process: measured, then written to the JSON at once."""
+    t = time.perf_counter()
+    try:
+        r = spec["fn"](spec, path)
+    except torch.OutOfMemoryError:
+        r = row(spec["name"], None, None, "tok/s", "higher", status="out of memory")
+    except Exception as e:  # a row that breaks is a row of the table, with its one-line reason
+        r = row(spec["name"], None, None, "-", "higher", status=f"error: {type(e).__name__}: {str(e)[:300]}")
+    r["details"].setdefault("status", "measured")
+    r["details"].update(wall_s=time.perf_counter() - t, args=spec.get("args"), device=str(_device()))
+    save_row(path, r)
+    print_table([r])
+
+
+@dataclasses.dataclass
+class GpuTable:
+    """One --gpu-table call: where rows go, when the budget ends, the row processes' context and the simulations."""
+    path: str
+    shapes: dict
+    deadline: float  # time.monotonic() after which no row starts
+    mem_gib: float
+    ctx: object  # multiprocessing context: forkserver, its server has imported bench once
+    pool: ProcessPoolExecutor  # plan.py's simulations, on the host's cores while the device measures
+    sims: dict = dataclasses.field(default_factory=dict)  # tuple(args) -> future of plan.plan
+
+
+def simulate(t, args):
+    """plan.py on these arguments for this device's memory, started once and shared. -> a future"""
+    if tuple(args) not in t.sims:
+        t.sims[tuple(args)] = t.pool.submit(plan.plan, list(args), 1, None, t.mem_gib)
+    return t.sims[tuple(args)]
+
+
+def planned(t, future):
+    """A simulation's result, waited for within the budget. -> (plan.plan's dict, None) or (None, why not)"""
+    try:
+        return future.result(timeout=max(1.0, t.deadline - time.monotonic())), None
+    except Exception as e:  # plan.py's own error, or the budget's end: the rows that need it say which
+        return None, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def run_row(t, spec, sim_args=None):
+    """One row in a fresh process (forked from the server), killed at its guard; each row that ends, however
+    it ends, is in the JSON at once. sim_args: plan.py's arguments for the simulated peak beside the measured."""
+    if spec["name"] in load_rows(t.path):  # measured already: the plan's largest was 4, or an earlier call
+        return
+    left = t.deadline - time.monotonic()
+    if left < t.shapes["min_start"]:
+        save_row(t.path, row(spec["name"], None, None, "-", "higher", status="not run: the budget ran out"))
+        return
+    future = simulate(t, sim_args) if sim_args else None
+    guard = min(spec["guard"], left)
+    proc = t.ctx.Process(target=_row_main, args=(spec, t.path))
+    proc.start()
+    proc.join(guard)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        save_row(t.path, row(spec["name"], None, None, "-", "higher", status=f"timed out after {guard:.0f} s"))
+    elif spec["name"] not in load_rows(t.path):
+        save_row(t.path, row(spec["name"], None, None, "-", "higher", status=f"crashed: exit code {proc.exitcode}"))
+    r = load_rows(t.path)[spec["name"]]
+    p, why = planned(t, future) if future and r["details"].get("peak_mib") else (None, None)
+    if why:
+        r["details"]["simulated"] = f"plan.py: {why}"
+        save_row(t.path, r)
+    if p:
+        sim = p["peak_gib"] * 1024
+        r["details"].update(simulated_mib=sim, simulated_over_measured=sim / r["details"]["peak_mib"])
+        save_row(t.path, r)
+
+
+def train_spec(t, name, args, steps=None, warmup=2, **extra):
+    return dict(name=name, fn=_gpu_train, args=args, steps=steps or t.shapes["steps"], warmup=warmup,
+                guard=t.shapes["guard"], **extra)
+
+
+def _cuda_device():
+    return torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def a_args(t, ac, mb):
+    """(a)'s arguments: T=2048, sequences per optimizer step fixed, so micro-batches compare at the same
+    optimizer cost (the recipe accumulates too)."""
+    sh = t.shapes
+    return sh["base"] + sh["short"] + [f"--activation_checkpointing={ac}", f"--batch_size={mb}",
+                                       f"--grad_accum={max(1, sh['seqs'] // mb)}"]
+
+
+def a_row(t, ac, mb, largest):
+    """A row of (a): AC mode ac at micro-batch mb ("largest": the plan's), where the plan says it fits."""
+    p, why = planned(t, largest)
+    fit = p["max_batch_size"] if p else None
+    mb = fit if mb == "largest" else mb
+    name = f"a/ac={ac},mb={mb or 'largest'}"
+    if fit is None:
+        save_row(t.path, row(name, None, None, "-", "higher", status=f"not run: plan.py: {why}"))
+    elif not mb or mb > fit:
+        save_row(t.path, row(name, None, None, "-", "higher", status=f"skipped: does not fit (plan.py's largest "
+                                                                       f"micro-batch: {fit})"))
+    else:
+        run_row(t, train_spec(t, name, a_args(t, ac, mb)), a_args(t, ac, mb))
+
+
+def best_row(t):
+    """The measured row of (a) with the most tokens/s, or None."""
+    rows = [r for n, r in load_rows(t.path).items() if n.startswith("a/") and r["ours"]]
+    return max(rows, key=lambda r: r["ours"], default=None)
+
+
+def gpu_table(path, smoke, groups, budget, command):
+    """The rows of issue 25, most important first: (a) phi-2's real shape at T=2048, each AC mode at the plan's
+    largest micro-batch; (b) float8 on the best of (a); (c) T=32,768; (d) HF at the best of (a); (e) the CUDA
+    paths that never ran; then the rest of (a)'s micro-batch x AC grid (1, 2 and 4). Each row is one process with a time
+    guard, written to the JSON when it ends; no row starts after the budget. An existing JSON from the same
+    device is continued: rows measured (or skipped by the plan) stay, the others are run again."""
+    cuda = torch.cuda.is_available()
+    if not (cuda or smoke):
+        raise ValueError("--gpu-table needs a CUDA device; --gpu-table --smoke runs it on the CPU")
+    sh = GPU_SHAPES["smoke" if smoke else "real"]
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["bench"])  # a row's process starts in milliseconds, CUDA untouched in the server
+    device, mem = f"cpu ({os.cpu_count()} cores)", sh["mem_gib"] if not cuda else None
+    if cuda:  # asked in a process that ends: a CUDA context here would hold GPU memory the rows need
+        with ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            device, mem = ex.submit(_cuda_device).result()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    call = dict(command=command, date=datetime.date.today().isoformat(), commit=commit, torch=torch.__version__,
+                budget_s=budget or sh["budget"])
+    table = dict(device=device, memory_gib=mem, calls=[], results=[])
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)
+        if table.get("device") != device:
+            raise ValueError(f"{path} holds rows measured on {table.get('device')}, this is {device}: "
+                             f"pass another --json")
+        table["results"] = [r for r in table["results"] if r["details"].get("status", "").startswith(
+            ("measured", "skipped"))]
+    table["calls"].append(call)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+    long_ = sh["base"] + sh["long"]
+    acs = ("none", "op", "full")
+    with ProcessPoolExecutor(2 if smoke else 4, mp_context=ctx) as pool:  # 4: cores left for compile
+        t = GpuTable(path, sh, time.monotonic() + (budget or sh["budget"]), mem, ctx, pool)
+        largest = {ac: simulate(t, a_args(t, ac, 1)[:-1] + [f"--grad_accum={sh['limit']}"]) for ac in acs}
+        largest_long = {ac: simulate(t, long_ + [f"--activation_checkpointing={ac}", "--batch_size=1",
+                                                 f"--grad_accum={sh['long_limit']}"]) for ac in ("full", "op")}
+        if "a" in groups:  # op at 1 first: the plan's largest micro-batches are simulated meanwhile
+            for ac, mb in (("op", 1), ("none", "largest"), ("op", "largest"), ("full", "largest")):
+                a_row(t, ac, mb, largest[ac])
+        best = best_row(t)
+        if best is None and groups & {"b", "d"}:
+            print("bench: no row of (a) measured: (b) and (d) need its best setting", flush=True)
+        if "b" in groups and best:  # its bf16 twin again, for the same steps' losses and speed in one run
+            args, steps = best["details"]["args"], sh["loss_steps"] - 2
+            run_row(t, train_spec(t, "b/bf16", args, steps=steps), args)
+            for recipe in ("tensorwise", "rowwise"):
+                f8 = args + [f"--float8={recipe}"]
+                run_row(t, train_spec(t, f"b/float8={recipe}", f8, steps=steps, baseline_row="b/bf16"), f8)
+        if "c" in groups:
+            for ac in ("full", "op"):
+                p, why = planned(t, largest_long[ac])
+                mb = p["max_batch_size"] if p else None
+                name = f"c/T={long_[-1].split('=')[1]},ac={ac},mb={mb or 'largest'}"
+                if not mb:
+                    save_row(t.path, row(name, None, None, "-", "higher", status="skipped: does not fit at micro-"
+                                         "batch 1 (plan.py)" if p else f"not run: plan.py: {why}"))
+                    continue
+                args = long_ + [f"--activation_checkpointing={ac}", f"--batch_size={mb}", "--grad_accum=1"]
+                spec = train_spec(t, name, args, steps=sh["long_steps"], warmup=1)
+                run_row(t, dict(spec, guard=sh["long_guard"]), args)
+        if "d" in groups and best:  # HF's loss makes full fp32 logits: at an out-of-memory, half the micro-batch
+            args = best["details"]["args"]
+            for name in ("d/hf", "d/hf,half micro-batch"):
+                run_row(t, dict(name=name, fn=_gpu_hf, args=args, steps=sh["steps"], warmup=2, guard=sh["guard"],
+                                baseline_row=best["name"]))
+                if load_rows(t.path)[name]["details"]["status"] != "out of memory":
+                    break
+                mb, accum = best["details"]["micro_batch"] // 2, best["details"]["grad_accum"] * 2
+                args = args + [f"--batch_size={max(1, mb)}", f"--grad_accum={accum}"]
+        if "e" in groups:
+            args = sh["base"] + sh["short"] + ["--compile=False", "--activation_checkpointing=none", "--batch_size=1",
+                                               "--grad_accum=1"]
+            for name, fn in (("e/ckpt_async", _gpu_ckpt_async), ("e/cpu_offload", _gpu_cpu_offload),
+                             ("e/auto_batch_size", _gpu_auto_batch), ("e/fp16_scaler", _gpu_fp16),
+                             ("e/nvml", _gpu_nvml)):
+                run_row(t, dict(name=name, fn=fn, args=args, paths=sh["paths"], oom_batch=sh["oom_batch"],
+                                fault_oom=sh["fault_oom"], guard=sh["paths_guard"]))
+        if "a" in groups:  # the rest of the grid: the micro-batch curve of each AC mode
+            for mb in (1, 2, 4):
+                for ac in acs:
+                    a_row(t, ac, mb, largest[ac])
+        pool.shutdown(cancel_futures=True)  # simulations no row waits for any more
+    rows = list(load_rows(path).values())
+    print_table(rows)
+    return rows
+
+
 # -- output ------------------------------------------------------------------------------------------------------------
 
 def row(name, ours, baseline, unit, better, **details):
@@ -569,9 +1012,17 @@ def main(argv):
     p.add_argument("--what", default="train,ckpt,archive,loader,prepare,monitor", help="comma-separated measurements")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--smoke", action="store_true", help="small shapes and few steps: under a minute on a CPU")
-    p.add_argument("--gpu-table", action="store_true", help="CUDA: compile off/on x AC none/selective/full rows")
+    p.add_argument("--gpu-table", action="store_true", help="one H100/H200, issue 25's rows (see gpu_table)")
+    p.add_argument("--rows", default="a,b,c,d,e", help="--gpu-table: the groups of rows to run")
+    p.add_argument("--budget", type=float, help="--gpu-table: seconds after which no row starts (450; smoke 90)")
     p.add_argument("--steps", type=int, default=None, help="measured training steps of each side")
     a, rest = p.parse_known_args(argv)
+    if a.gpu_table:
+        groups = set(a.rows.split(","))
+        if groups - set("abcde"):
+            raise ValueError(f"--rows: unknown group {sorted(groups - set('abcde'))[0]!r}; use a,b,c,d,e")
+        gpu_table(a.json or "out/gpu_table.json", a.smoke, groups, a.budget, "python bench.py " + " ".join(argv))
+        return
     files = a.config + [x for x in rest if not x.startswith("--")] or ["config/tiny.py"]
     flags = ["--batch_size=4", "--block_size=64"] if a.smoke else []
     flags += [x for x in rest if x.startswith("--")]  # the user's flags win
@@ -586,24 +1037,6 @@ def main(argv):
     model_config(cfg)
     rows, consumed = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        if a.gpu_table:
-            if not torch.cuda.is_available():
-                raise ValueError("--gpu-table needs a CUDA device")
-            acs = ("none", "selective", "full")
-            with fresh_processes(3) as ex:  # plan.py's simulations on the host, while the GPU measures
-                sims = {ac: ex.submit(plan.plan, files + GPU_TABLE + flags + [f"--activation_checkpointing={ac}"],
-                                      1, None, 1e6) for ac in acs}
-                for compile_ in (False, True):
-                    for ac in acs:
-                        row_args = files + GPU_TABLE + flags + [f"--compile={compile_}",
-                                                                f"--activation_checkpointing={ac}"]
-                        rows += bench_train(row_args, steps, 2, label=f"phi2/compile={compile_},ac={ac}")[0]
-                        measured = rows[-1]["ours"]
-                        if measured is not None:  # the measured peak against plan.py's (compile: eager)
-                            sim = sims[ac].result()["peak_gib"] * 1024
-                            rows[-1]["details"].update(simulated_mib=sim, simulated_over_measured=sim / measured)
-                            print(f"plan.py: simulated {sim:,.0f} MiB, measured {measured:,.0f} MiB")
-                        print_table(rows[-3:])
         for name in ("train", "ckpt", "prepare", "loader", "monitor", "archive"):  # zstd's threads, then no fork
             if name not in what and not (name == "prepare" and "loader" in what):
                 continue

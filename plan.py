@@ -19,6 +19,10 @@ Where the CPU and CUDA differ:
              T x T matrix is ever allocated, in forward or backward. A shape flash cannot run is an error.
   compile    simulated eager: on an H200 the compiled phi-2 step peaked 1% above the simulation, as the
              eager one did (BENCHMARKS.md, bench.py --gpu-table).
+  float8     torchao's emulation of the same Float8Linear: weights all-gathered in 1 byte under FSDP, as on
+             CUDA, but each matmul dequantizes its float8 operands to bf16 temporaries that CUDA's float8
+             matmul never makes: the temporaries are overcounted (bench.py --gpu-table's (b) rows say by how much).
+  AC "op"    torch's selective checkpointing runs for real: what its policy saves is what is counted.
   grad_accum two micro-batches stand for any number >= 2: what accumulation holds (FSDP's unsharded float32
              gradients between syncs, or a single process's .grad) exists from the second one on.
 Not seen: the CUDA caching allocator's fragmentation, NCCL's buffers and the CUDA context (0.5-1 GiB).
@@ -104,7 +108,8 @@ def simulate(cfg, mcfg, new_layers, world_size, batch_size):
     """One optimizer step of this config on rank 0 of world_size, micro-batch batch_size.
     -> (peak bytes, {category: bytes at the peak}, {the tracker's own category: bytes at the peak, and
     forward_activations: the activations alive when the forward has returned})"""
-    cfg = dataclasses.replace(cfg, batch_size=batch_size, compile=False)
+    # float8 on fake tensors: torchao's emulation (the docstring says what it counts)
+    cfg = dataclasses.replace(cfg, batch_size=batch_size, compile=False, float8_emulate=True)
     ptdtype = DTYPES[cfg.dtype]
     # the device mesh reads real values from the process group: built before fake tensors take over
     model, sharded = parallel_model(cfg, dataclasses.replace(mcfg), new_layers, ptdtype, world_size, "cpu")
@@ -207,7 +212,7 @@ def plan(args, world_size, gpu, gpu_mem_gib):
         config=args, world_size=world_size, gpu=gpu, model=source, params=n_params,
         non_embedding_params=non_embedding_params(mcfg), layers=mcfg.num_hidden_layers,
         batch_size=cfg.batch_size, block_size=cfg.block_size, grad_accum=cfg.grad_accum, fsdp=cfg.fsdp,
-        dtype=cfg.dtype, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+        dtype=cfg.dtype, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile, float8=cfg.float8,
         peak_gib=peak / GIB, breakdown={k: v / GIB for k, v in breakdown.items()},
         forward_activations_gib=tracker.pop("forward_activations") / GIB,
         tracker_gib={k: v / GIB for k, v in tracker.items() if k != "Total"}, gpu_mem_gib=gpu_mem_gib,
@@ -221,6 +226,7 @@ def print_plan(p):
     gpu = p["gpu"] or "GPU"
     print(f"plan: {' '.join(p['config'])}\n  on {p['world_size']} x {gpu} ({p['gpu_mem_gib']:.1f} GiB), "
           f"fsdp={p['fsdp']}, {p['dtype']}, AC {p['activation_checkpointing']}"
+          f"{', float8 ' + p['float8'] + ' (emulated)' if p['float8'] else ''}"
           f"{', compile simulated eager' if p['compile'] else ''}")
     print(f"  model: {p['params'] / 1e6:,.1f}M parameters, {p['layers']} blocks ({p['model']})")
     print(f"  micro-batch {p['batch_size']} x {p['block_size']:,} tokens, grad_accum {p['grad_accum']}: "

@@ -1,6 +1,6 @@
 """How a Phi is built for training on N ranks: weights read or initialised once, on rank 0; LLaMA-Pro
-expansion and RoPE scaling; then one function per parallelism technique, applied in a fixed order
-(activation checkpointing, compile per block, FSDP2 per block and on the root) to a model built on meta.
+expansion and RoPE scaling; then one function per technique, applied in a fixed order (float8 linears,
+activation checkpointing, compile per block, FSDP2 per block and on the root) to a model built on meta.
 
     model, model_cfg, sharded = build_model(cfg, vocab_size, rank, world_size, device, param_dtype)
     bs = largest_micro_batch(model, cfg.batch_size, cfg.block_size, vocab_size, device, ctx)   # auto_batch_size
@@ -8,15 +8,18 @@ expansion and RoPE scaling; then one function per parallelism technique, applied
 train.py's Config decides every setting used here. plan.py builds through scratch_config(), shape() and
 parallel_model() too, so a change here changes the plan.
 """
+import dataclasses
+import functools
 import json
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from model.expand import expand_state_dict
 from model.phi import Phi, PhiConfig, load_hf_state_dict
@@ -29,6 +32,60 @@ def apply_ac(model, mode, every):
             block.forward = lambda *a, _f=block.forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
+# Per-op AC keeps the outputs of the matmuls (float8's too) and of attention, the FLOPs; everything else
+# (LayerNorm, RoPE, GELU, dropout, casts, adds) is recomputed in backward. aten.max is float8's amax: a scalar.
+OP_AC_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten._scaled_mm.default, torch.ops.aten.max.default,
+              torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _op_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in OP_AC_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_op_ac(model):
+    """activation_checkpointing="op": every block checkpointed with torch's selective checkpointing, which
+    stores what the policy saves and recomputes the rest (torchtitan's op-level SAC)."""
+    contexts = functools.partial(create_selective_checkpoint_contexts, _op_policy)
+    for block in model.model.layers:
+        block.forward = lambda *a, _f=block.forward, **k: checkpoint(_f, *a, use_reentrant=False,
+                                                                      context_fn=contexts, **k)
+
+
+def apply_float8(model, recipe, emulate, sharded, device_type):
+    """float8="tensorwise" or "rowwise": torchao's Float8Linear in place of each block linear whose dimensions are
+    multiples of 16 (what float8 matmuls need); lm_head and the embeddings stay. The fp32 master weights and
+    their names do not change, so checkpoints move freely between float8 on and off. Tensorwise over FSDP
+    all-gathers the weights in float8 (1 byte), with the scales float8_scales() computes after each step."""
+    if device_type == "cuda" and not emulate and torch.cuda.get_device_capability() < (8, 9):
+        raise ValueError(f"float8 needs float8 tensor cores (compute capability 8.9+: H100, H200, L40S, 4090); "
+                         f"{torch.cuda.get_device_name()} has none: set float8=''")
+    if device_type != "cuda" and not emulate:
+        raise ValueError("float8 needs a CUDA GPU with float8 tensor cores; set float8='' on the CPU "
+                         "(float8_emulate=True runs torchao's emulation, for tests)")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise ValueError("float8 needs torchao: pip install -r requirements.txt") from None
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate,
+                                 enable_fsdp_float8_all_gather=sharded and recipe == "tensorwise")
+    convert_to_float8_training(model.model.layers, config=config,
+                               module_filter_fn=lambda m, _: m.in_features % 16 == 0 and m.out_features % 16 == 0)
+    if config.enable_fsdp_float8_all_gather:  # weights loaded by a rollback: their scales, not the old weights'
+        model.register_load_state_dict_post_hook(lambda module, _: float8_scales(module, recipe))
+
+
+def float8_scales(model, float8):
+    """After each optimizer step: with tensorwise float8 over FSDP, the scales of the next float8 all-gathers,
+    all in one all-reduce (torchao's precompute_float8_dynamic_scale_for_fsdp); otherwise nothing."""
+    if float8 == "tensorwise":
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+        precompute_float8_dynamic_scale_for_fsdp(model)
+
+
 def apply_compile(model):
     for block in model.model.layers:
         block.compile()
@@ -37,7 +94,11 @@ def apply_compile(model):
 def apply_fsdp(model, cfg, param_dtype, world_size, device_type):
     if cfg.fsdp == "hybrid":
         shard = cfg.hsdp_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        mesh = init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+        grid = torch.arange(world_size).view(world_size // shard, shard)
+        # the mesh's groups made here: init_device_mesh's would wait torch's default 30 minutes, not dist_timeout
+        groups = [dist.new_subgroups_by_enumeration(ranks, timeout=timedelta(minutes=cfg.dist_timeout))[0]
+                  for ranks in (grid.T.tolist(), grid.tolist())]  # replicas of a shard, then the shards of a replica
+        mesh = DeviceMesh.from_group(groups, device_type, mesh=grid, mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device_type, (world_size,))
     kw = dict(mesh=mesh, reshard_after_forward=cfg.fsdp != "shard_grad_op",
@@ -74,7 +135,7 @@ def shape(cfg, mcfg, state, vocab_size):
 
 
 def parallel_model(cfg, mcfg, new_layers, param_dtype, world_size, device_type):
-    """A Phi on meta, frozen as configured, with AC, compile and FSDP applied. -> (model, sharded)"""
+    """A Phi on meta, frozen as configured, with float8, AC, compile and FSDP applied. -> (model, sharded)"""
     with torch.device("meta"):
         model = Phi(mcfg)
     if cfg.train_only_new_layers:
@@ -82,11 +143,15 @@ def parallel_model(cfg, mcfg, new_layers, param_dtype, world_size, device_type):
             p.requires_grad_(False)
         for i in new_layers:
             model.model.layers[i].requires_grad_(True)
-    if cfg.activation_checkpointing != "none":
+    sharded = world_size > 1 or cfg.cpu_offload
+    if cfg.float8:
+        apply_float8(model, cfg.float8, cfg.float8_emulate, sharded, device_type)
+    if cfg.activation_checkpointing == "op":
+        apply_op_ac(model)
+    elif cfg.activation_checkpointing != "none":
         apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
     if cfg.compile:
         apply_compile(model)
-    sharded = world_size > 1 or cfg.cpu_offload
     if sharded:
         apply_fsdp(model, cfg, param_dtype, world_size, device_type)
     return model, sharded

@@ -133,9 +133,50 @@ def test_loss_equivalence_fsdp_and_accumulation(tmp_path, tiny_data):
 def test_activation_checkpointing_keeps_losses(tmp_path, tiny_data):
     args = ["--max_iters=5", "--eval_interval=1000", "--ckpt_interval=1000", "--fsdp=none"]
     ref = first_losses(quick(tmp_path, tiny_data, "ac_none", *args)[0], 5)
-    for mode in ("full", "selective"):
+    for mode in ("full", "selective", "op"):
         got = first_losses(quick(tmp_path, tiny_data, f"ac_{mode}", *args, f"--activation_checkpointing={mode}")[0], 5)
         assert max(abs(a - b) for a, b in zip(ref, got)) <= 1e-5
+
+
+def test_op_ac_recomputes_all_but_matmuls_with_the_same_gradients():
+    """Per-op AC (selective checkpointing with model/parallel.py's policy): the loss and every gradient equal AC
+    none's bit for bit, dropout included; backward recomputes LayerNorm and GELU but no matmul and no attention,
+    where full AC recomputes them all."""
+    import copy
+    from collections import Counter
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from model.parallel import apply_ac, apply_op_ac
+    from model.phi import Phi, PhiConfig
+
+    class Ops(TorchDispatchMode):  # counts the aten ops backward runs
+        def __init__(self):
+            super().__init__()
+            self.n = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+    torch.manual_seed(0)
+    ref = Phi(dataclasses.replace(PhiConfig.preset("test"), resid_pdrop=0.1))
+    x = torch.randint(0, 128, (2, 33))
+    got = {}
+    for mode in ("none", "op", "full"):
+        model = copy.deepcopy(ref)
+        apply_op_ac(model) if mode == "op" else apply_ac(model, mode, 1)
+        torch.manual_seed(1)  # the same dropout masks
+        loss = model(x[:, :-1], x[:, 1:])[1]
+        with Ops() as ops:
+            loss.backward()
+        got[mode] = loss, {k: p.grad for k, p in model.named_parameters()}, ops.n
+    (loss, grads, none), (op_loss, op_grads, op) = got["none"], got["op"]
+    assert torch.equal(op_loss, loss) and all(torch.equal(op_grads[k], g) for k, g in grads.items())
+    assert none["native_layer_norm"] == none["gelu"] == 0 and op["native_layer_norm"] == op["gelu"] == 2  # 2 blocks
+    assert op["addmm"] == none["addmm"] == 0 < got["full"][2]["addmm"] and op["mm"] == none["mm"]  # Linear: addmm
+    attention = "_scaled_dot_product_flash_attention_for_cpu"
+    assert op[attention] == none[attention] == 0 < got["full"][2][attention]
 
 
 # -- early stopping ------------------------------------------------------------------------------------------------
