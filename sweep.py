@@ -45,6 +45,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 import train
+from monitor import save_png
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, retry, mpl plots
@@ -355,9 +356,7 @@ def write_results(study, sweep, base_args):
     from optuna.visualization import matplotlib as plots
 
     def plot(name, ax):
-        tmp = os.path.join(sweep.sweep_dir, f".{os.getpid()}.{name}")
-        ax.figure.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, os.path.join(sweep.sweep_dir, name))
+        save_png(ax.figure, os.path.join(sweep.sweep_dir, name), dpi=100, bbox_inches="tight")
         matplotlib.pyplot.close(ax.figure)
         return f"\n![{name}]({name})\n"
 

@@ -18,18 +18,20 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.tensor import DTensor
-from transformers import AutoTokenizer
 
 import ckpt
+import cluster
 import config
 import remote
 from data.fim import check_rates
+from data.format import data_tokenizer
 from data.loader import DataError, TokenLoader, read_meta
 from evals.domain import quick_domain_metrics
 from evals.loss import lang_metrics, val_sets
 from model.export import export
-from model.parallel import build_model, largest_micro_batch
+from model.parallel import build_model, float8_scales, largest_micro_batch
 from model.phi import ModelLoadError
 from monitor import Monitor, flops_per_token
 
@@ -79,10 +81,13 @@ class Config:
     # system
     dtype: str = "bfloat16"               # bfloat16 (fp32 master weights, reductions), float16 (+ scaler), float32
     compile: bool = False                 # torch.compile each block
-    activation_checkpointing: str = "none"  # "none", "full" (every block) or "selective" (every ac_every-th block)
+    float8: str = ""                      # "tensorwise" or "rowwise": torchao float8 matmuls in the blocks; "" = off
+    float8_emulate: bool = False          # float8 without float8 hardware (CPU tests): torchao's emulation, no speed-up
+    activation_checkpointing: str = "none"  # "none", "full" (every block), "op" (keep matmul outputs) or "selective"
     ac_every: int = 2                     # selective: checkpoint blocks 0, k, 2k, ...
     fsdp: str = "full_shard"              # full_shard (ZeRO-3), shard_grad_op (ZeRO-2), hybrid (HSDP), none (1 process)
     hsdp_shard_size: int = 0              # hybrid: ranks in one shard group; 0 = the ranks of one node
+    dist_timeout: float = 10.0            # minutes a collective waits for a rank before the run fails (and restarts)
     cpu_offload: bool = False             # FSDP keeps parameters, grads and optimizer state in host memory
     # early stopping and divergence recovery
     early_stop_metric: str = "val_loss"   # any eval metric, e.g. "val_loss/xml" or "valid/xml"
@@ -114,7 +119,7 @@ class Config:
 
 
 CHOICES = dict(lr_schedule=("cosine", "wsd"), dtype=("bfloat16", "float16", "float32"),
-               activation_checkpointing=("none", "full", "selective"),
+               activation_checkpointing=("none", "full", "selective", "op"), float8=("", "tensorwise", "rowwise"),
                fsdp=("full_shard", "shard_grad_op", "hybrid", "none"), early_stop_mode=("min", "max"),
                wandb_mode=("online", "offline", "disabled"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the dtype key's values
@@ -248,15 +253,8 @@ def setup(cfg):
         raise ValueError("fsdp=none trains in one process; use full_shard or shard_grad_op under torchrun")
     if (cfg.ckpt_async or cfg.cpu_offload) and device.type != "cuda":
         raise ValueError("ckpt_async and cpu_offload need CUDA; set them to False on the CPU")
-    store = None
-    if world_size > 1:  # torchrun's store outlives a restart: a fresh prefix per attempt hides the dead group's keys
-        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/",
-                                 next(dist.rendezvous("env://"))[0])
-    elif cfg.cpu_offload:  # offloading is FSDP's, so one process gets a one-rank group
-        store = dist.HashStore()
-    if store is not None:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                store=store, device_id=device if device.type == "cuda" else None)
+    if world_size > 1 or cfg.cpu_offload:  # offloading is FSDP's, so one process gets a one-rank group
+        cluster.init_process_group(device, cfg.dist_timeout)  # + a heartbeat: a failure names a rank that stopped
     return rank, world_size, device
 
 
@@ -304,6 +302,7 @@ def train_step(model, optimizer, scaler, batches, ctx, cfg, guard, sharded, sign
     if verdict is None:
         scaler.step(optimizer)
         scaler.update()
+        float8_scales(model, cfg.float8)  # tensorwise float8 over FSDP: the next all-gathers' scales, one all-reduce
         guard.skips = 0
     else:
         guard.skips += 1
@@ -322,12 +321,13 @@ def save_checkpoint(cfg, p, model, optimizer, loader, scaler, mcfg, run_id, metr
                      async_save=cfg.ckpt_async)
 
 
-def rollback(cfg, p, model, optimizer, loader, verdict, monitor):
-    """After max_skips refused steps in a row: back to the newest checkpoint that verifies, with the LR scaled
-    by rollback_lr_factor. The data position and the early-stopping state stay, so the batches that caused
-    the trouble stay skipped. -> why the run must stop, or None"""
+def rollback(cfg, p, model, optimizer, loader, verdict, monitor, mirror):
+    """After max_skips refused steps in a row: back to the newest checkpoint that verifies (here or on the remote),
+    with the LR scaled by rollback_lr_factor. The data position and the early-stopping state stay, so the batches
+    that caused the trouble stay skipped. -> why the run must stop, or None"""
     p.guard.skips, p.guard.rollbacks = 0, p.guard.rollbacks + 1
     path = ckpt.find_resume(cfg.out_dir, "auto")
+    path = remote.restore(mirror, cfg.out_dir, path) if mirror else path  # nodes without a shared disk
     if p.guard.rollbacks > cfg.max_rollbacks or path is None:
         why = f": {cfg.max_rollbacks} rollbacks did not help" if path else " before the first checkpoint"
         return f"diverged{why} ({verdict})"
@@ -346,9 +346,11 @@ def main(args):
     rank, world_size, device = setup(cfg)
     master = rank == 0
     mirror = remote.open_mirror(cfg) if cfg.remote else None  # probed now: bad credentials fail fast, in one line
+    if mirror is None:  # then every node must see one out_dir, or no node would hold a whole checkpoint
+        ckpt.require_shared(cfg.out_dir)
     ptdtype = DTYPES[cfg.dtype]
     meta = prepare_data(cfg, master)
-    tokenizer = AutoTokenizer.from_pretrained(meta["tokenizer"]) if cfg.eval_domain_prompts else None
+    tokenizer = data_tokenizer(meta) if cfg.eval_domain_prompts else None
 
     # -- model: AC, compile and FSDP2 per block; bf16 compute over fp32 master weights
     model, mcfg, sharded = build_model(cfg, meta["vocab_size"], rank, world_size, device, ptdtype)
@@ -449,7 +451,7 @@ def main(args):
             monitor.event(p.step, "skip", verdict)
         step_time, timed = step_time + time.perf_counter() - t0, timed + 1
         if p.guard.skips >= cfg.max_skips:
-            stop_reason = rollback(cfg, p, model, optimizer, loader, verdict, monitor)
+            stop_reason = rollback(cfg, p, model, optimizer, loader, verdict, monitor, mirror)
             if stop_reason:
                 monitor.event(p.step, "stop", stop_reason)
                 break
@@ -485,7 +487,7 @@ def main(args):
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:])
-    except (ValueError, DataError, ModelLoadError, ckpt.CheckpointError, FileNotFoundError) as e:
+        record(cluster.naming_silent_ranks(main))(sys.argv[1:])  # torchrun's summary shows a failed rank's traceback
+    except (ValueError, DataError, ModelLoadError, ckpt.CheckpointError, FileNotFoundError, cluster.RankSilent) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -92,6 +92,13 @@ def read_meta(data_dir):
     return meta
 
 
+def data_tokenizer(meta):
+    """The tokenizer of prepared data (its meta.json). transformers is imported here, when a tokenizer is needed,
+    not when train.py starts: half a second of every training process's start."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(meta["tokenizer"], local_files_only=True)
+
+
 def token_file(path, dtype, expected, fix):
     """Memory map of one .bin file holding `expected` tokens; `fix` says what to re-run."""
     if not path.is_file():

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from checkers.syntax import check_js, check_mdx, check_py, check_xml, mdx_exact, valid_prefix
+from data.format import data_tokenizer
 from data.loader import open_tokens, read_meta
 from evals.sampling import complete, gen_budget, samples_for
 
@@ -73,7 +74,6 @@ PROMPTS = {
 
 def heldout_docs(data_dir, lang, n, max_tokens=None):
     """Up to n decoded val documents of a language (of at most max_tokens), evenly spread over val_{lang}.bin."""
-    from transformers import AutoTokenizer
     meta = read_meta(data_dir)
     if lang not in meta["langs"]:
         return []
@@ -82,7 +82,7 @@ def heldout_docs(data_dir, lang, n, max_tokens=None):
     starts = np.concatenate([[0], ends[:-1] + 1])
     spans = [(a, b) for a, b in zip(starts, ends) if b > a and (max_tokens is None or b - a <= max_tokens)]
     pick = [spans[i] for i in np.linspace(0, len(spans) - 1, min(n, len(spans))).astype(int)] if spans else []
-    tok = AutoTokenizer.from_pretrained(meta["tokenizer"], local_files_only=True)
+    tok = data_tokenizer(meta)
     return [tok.decode(tokens[a:b].tolist()) for a, b in pick]
 
 

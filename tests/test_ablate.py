@@ -63,3 +63,12 @@ def test_forgetting_is_visible_and_llama_pro_trains_one_block(smoke):
     one_block = 4 * (h * h + h) + (h * m + m) + (m * h + h) + 2 * h  # q k v dense, fc1, fc2, layer norm
     assert b["trainable_params"][0] == one_block < a["trainable_params"][0]
     assert b["tok_per_s"][0] > 0 and b["peak_rss_gib"][0] > 0
+
+
+def test_a_space_without_arms_or_objectives_is_refused_before_any_work(tmp_path, capsys):
+    import ablate
+    (tmp_path / "space.py").write_text("arm = variants(a={})\nseed = choice([1])\n")
+    assert ablate.main([f"--space={tmp_path / 'space.py'}", f"--out={tmp_path / 'out'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: space file") and "two objectives, gain and retention" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
