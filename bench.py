@@ -632,6 +632,30 @@ def _speed(spec, mcfg, cfg, times, device, before):
         mfu_pct_no_attention=100 * 6 * non_embedding_params(mcfg) * tok_s / pf if pf else None)
 
 
+def _profile(step, batches, device, top=10):
+    """One step under torch.profiler, so that a row whose goal is missed says why: the ops with the most self
+    time (CUDA: the kernels, by GPU time) and the share of the step's span in which the GPU ran no kernel."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        step(batches)
+        if cuda:
+            torch.cuda.synchronize()
+    kind, key = (DeviceType.CUDA, "self_device_time_total") if cuda else (DeviceType.CPU, "self_cpu_time_total")
+    ops = sorted((e for e in prof.key_averages() if e.device_type == kind), key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in ops)
+    events = prof.events()
+    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    busy, end = 0, -math.inf  # the union of the kernels' intervals (streams overlap), in microseconds
+    for a, b in sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA):
+        busy, end = busy + max(0, b - max(a, end)), max(end, b)
+    return dict(span_ms=span / 1e3, clock="GPU kernels" if cuda else "CPU ops (self time)",
+                gpu_idle_pct=100 * (1 - busy / span) if cuda and span else None,
+                top=[dict(name=e.key[:120], ms=getattr(e, key) / 1e3, pct=100 * getattr(e, key) / total, calls=e.count)
+                     for e in ops[:top]])
+
+
 def _gpu_train(spec, path):
     """Our step, train.py's train_step, on the model parallel_model builds (float8, AC, compile), its random
     weights made on the device; a constant LR (the config's peak)."""
@@ -645,10 +669,11 @@ def _gpu_train(spec, path):
     model.train()
     opt, guard, ctx = adamw(model, cfg), Guard(), _autocast(device, cfg.dtype)
     all_batches = _batches(cfg, mcfg.vocab_size, spec["warmup"] + spec["steps"], device)
+    step = lambda b: train_step(model, opt, SCALER, b, ctx, cfg, guard, False, False, False)  # noqa: E731
     reset_peak(device)
-    times, results = _steps(lambda b: train_step(model, opt, SCALER, b, ctx, cfg, guard, False, False, False),
-                            all_batches, spec["warmup"], device)
+    times, results = _steps(step, all_batches, spec["warmup"], device)
     tok_s, details = _speed(spec, mcfg, cfg, times, device, before)
+    details["profile"] = _profile(step, all_batches[-1], device)  # after the peak was read: one more step
     losses = details["losses"] = [loss for loss, _, _, _ in results]
     skips = sum(verdict is not None for _, _, verdict, _ in results)  # a skipped step has no optimizer step
     details["status"] = f"measured; the guard skipped {skips} steps" if skips else "measured"

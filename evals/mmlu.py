@@ -7,6 +7,7 @@ questions of that subject with their answers, then the question; the choices are
 """
 import csv
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,8 @@ def evaluate(run):
         pred = int(np.argmax(lls[4 * i:4 * i + 4]))
         per_subject.setdefault(subject, []).append(pred == answer)
         rows.append({"task": "mmlu", "task_id": f"mmlu/{subject}/{i}", "ok": pred == answer, "detail": "ABCD"[pred]})
-    return {"n": len(test), "shots": k if dev else 0, "accuracy": sum(r["ok"] for r in rows) / len(rows),
+    n_dev = Counter(row[0] for row in dev)  # a subject with fewer dev questions than k gets fewer shots
+    return {"n": len(test), "shots": min(min(k, n_dev[s]) for s, *_ in test), "shots_asked": k,
+            "accuracy": sum(r["ok"] for r in rows) / len(rows),
             "macro_accuracy": sum(sum(v) / len(v) for v in per_subject.values()) / len(per_subject),
             "per_subject": {s: sum(v) / len(v) for s, v in sorted(per_subject.items())}}, rows

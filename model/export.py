@@ -210,6 +210,10 @@ def export(ckpt_path, out_dir, max_shard_size="2GB", gguf_type=None):
                             f"that exists here): export where the run's data dir is, or without --gguf")
         gguf_vocab(tok)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    mode = os.stat(os.path.join(out_dir, "config.json")).st_mode & 0o777  # what the umask gives
+    for name in os.listdir(out_dir):  # save_pretrained leaves the weights 0600: unreadable to a cluster's others
+        if name.endswith((".safetensors", ".safetensors.index.json")):
+            os.chmod(os.path.join(out_dir, name), mode)
     if tok is None:
         warnings.warn(f"{ckpt_path}: no tokenizer found via config.data_dir/meta.json; exported without one")
     else:

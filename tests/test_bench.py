@@ -91,6 +91,9 @@ def test_gpu_table_smoke_runs_every_row_in_under_a_minute(tmp_path):
         assert rows[name]["ours"] > 0 and d["peak_mib"] > 0 and d["simulated_mib"] > 0, name
         assert d["mfu_pct"] is None and d["mfu_attention"].startswith("counted"), name  # CPU: no peak FLOP/s
         assert d["steps"] >= 1 and len(d["losses"]) == d["steps"] + (1 if name.startswith("c/") else 2), name
+        prof = d["profile"]  # one more step under torch.profiler: what explains a missed goal
+        assert prof["gpu_idle_pct"] is None and 0 < sum(x["pct"] for x in prof["top"]) <= 100 + 1e-6, name
+        assert len(prof["top"]) == 10 and prof["top"][0]["ms"] >= prof["top"][-1]["ms"] >= 0 < prof["span_ms"], name
     assert [rows[f"a/ac={ac},mb=4"]["details"]["ac"] for ac in ("op", "none", "full")] == ["op", "none", "full"]
     for recipe in ("tensorwise", "rowwise"):  # float8 beside its bf16 twin, on the same batches
         row = rows[f"b/float8={recipe}"]

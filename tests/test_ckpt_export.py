@@ -49,6 +49,8 @@ def test_export_loads_in_transformers_with_same_logits(trained):
     files = set(os.listdir(out))
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json"} <= files
     assert len([f for f in files if f.endswith(".safetensors")]) > 1
+    # every file as the umask gives config.json: others on a cluster read the weights too (save_pretrained: 0600)
+    assert {os.stat(out / f).st_mode & 0o777 for f in files} == {os.stat(out / "config.json").st_mode & 0o777}
     assert json.load(open(out / "generation_config.json"))["eos_token_id"] == 0
     assert json.load(open(out / "config.json"))["eos_token_id"] == 0  # not HF Phi's default of 2
 
