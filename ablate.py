@@ -252,6 +252,8 @@ def main(argv=None):
         if not isinstance(space.get("arm"), sweep.variants) or {"gain", "retention"} - set(objectives):
             raise sweep.SweepError(f"space file '{args.space}' must name the arms, arm = variants(...), and two "
                                    f"objectives, gain and retention (see config/ablate_arms.py)")
+        if not (ROOT / "checkers" / "node_modules").is_dir():  # the corpus's JavaScript, Markdown and XML
+            raise sweep.SweepError("checkers/node_modules is missing: run npm ci --prefix checkers first")
     except sweep.SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -172,6 +172,7 @@ def prompts(tiny_data, tok):
     return [tok.encode(t, add_special_tokens=False) for t in texts], texts
 
 
+@pytest.mark.slow
 @pytest.mark.llamacpp
 def test_llama_cpp_runs_the_export_as_we_do(trained_gguf, tiny_data):
     model, _ = export.load_for_inference(str(trained_gguf))
@@ -216,6 +217,7 @@ def test_llama_cpp_runs_the_export_as_we_do(trained_gguf, tiny_data):
     assert same / total >= 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.llamacpp
 def test_llama_cpp_applies_our_linear_rope_scaling(tiny_data, tmp_path):
     path, model = random_ckpt(tmp_path / "run", tiny_data)  # RoPE x2 (linear), as config/phi2_xml.py trains

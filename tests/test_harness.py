@@ -87,6 +87,7 @@ def lm_eval_samples(out):
     return samples, json.loads(Path(results).read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.lmeval
 def test_lm_eval_scores_what_validate_scores(bench, tmp_path, capsys):
     assert harness.main(["--mmlu", str(bench / "mmlu"), "--truthfulqa", str(bench / "tqa.jsonl"), "--out",
