@@ -58,7 +58,7 @@ import ckpt
 import plan
 from model.phi import PRESETS, Phi, PhiConfig
 from monitor import Monitor, flops_per_token, non_embedding_params, peak_flops
-from model.parallel import (apply_ac, apply_compile, apply_op_ac, build_model, largest_micro_batch, parallel_model,
+from model.parallel import (apply_ac, apply_compile, build_model, largest_micro_batch, parallel_model,
                             scratch_config, shape)
 import train
 from train import DTYPES, Guard, adamw, load_config, train_step
@@ -692,9 +692,7 @@ def _gpu_hf(spec, path):
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         model = transformers.PhiForCausalLM(transformers.PhiConfig(**mcfg.to_hf_dict()))
-    if cfg.activation_checkpointing == "op":
-        apply_op_ac(model)
-    elif cfg.activation_checkpointing != "none":
+    if cfg.activation_checkpointing != "none":
         apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
     if cfg.compile:
         apply_compile(model)

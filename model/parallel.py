@@ -26,7 +26,10 @@ from model.phi import Phi, PhiConfig, load_hf_state_dict
 
 
 def apply_ac(model, mode, every):
-    """Recompute block activations in backward instead of storing them; parameter names stay HF's."""
+    """Recompute activations in backward instead of storing them: "full" every block's, "selective" those of
+    every every-th block, "op" all but the matmuls' (apply_op_ac). Parameter names stay HF's."""
+    if mode == "op":
+        return apply_op_ac(model)
     for i, block in enumerate(model.model.layers):
         if mode == "full" or (mode == "selective" and i % every == 0):
             block.forward = lambda *a, _f=block.forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
@@ -146,9 +149,7 @@ def parallel_model(cfg, mcfg, new_layers, param_dtype, world_size, device_type):
     sharded = world_size > 1 or cfg.cpu_offload
     if cfg.float8:
         apply_float8(model, cfg.float8, cfg.float8_emulate, sharded, device_type)
-    if cfg.activation_checkpointing == "op":
-        apply_op_ac(model)
-    elif cfg.activation_checkpointing != "none":
+    if cfg.activation_checkpointing != "none":
         apply_ac(model, cfg.activation_checkpointing, cfg.ac_every)
     if cfg.compile:
         apply_compile(model)

@@ -148,7 +148,7 @@ def test_op_ac_recomputes_all_but_matmuls_with_the_same_gradients():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from model.parallel import apply_ac, apply_op_ac
+    from model.parallel import apply_ac
     from model.phi import Phi, PhiConfig
 
     class Ops(TorchDispatchMode):  # counts the aten ops backward runs
@@ -165,7 +165,7 @@ def test_op_ac_recomputes_all_but_matmuls_with_the_same_gradients():
     got = {}
     for mode in ("none", "op", "full"):
         model = copy.deepcopy(ref)
-        apply_op_ac(model) if mode == "op" else apply_ac(model, mode, 1)
+        apply_ac(model, mode, 1)
         torch.manual_seed(1)  # the same dropout masks
         loss = model(x[:, :-1], x[:, 1:])[1]
         with Ops() as ops:
