@@ -77,7 +77,14 @@ def silent_ranks(failed_rank, error):
     time.sleep(SILENT)
     after = counts()
     silent = [r for r in range(world) if after[r] == before[r] and not _store.check([f"failed/{r}"])]
-    return [(r, _store.get(f"host/{r}").decode() if _store.check([f"host/{r}"]) else "never started") for r in silent]
+    named = [(r, _store.get(f"host/{r}").decode() if _store.check([f"host/{r}"]) else "never started") for r in silent]
+    _store.set(f"named/{failed_rank}", "1")
+    if failed_rank == 0:  # the store may live in this process (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): it stays
+        # until every rank still running has read it, or 2 x SILENT, lest they find it gone and name no one
+        others, deadline = [f"named/{r}" for r in range(world) if r not in silent], time.monotonic() + 2 * SILENT
+        while not _store.check(others) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return named
 
 
 def naming_silent_ranks(fn):
