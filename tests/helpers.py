@@ -72,10 +72,10 @@ def wait_port(port, proc, what, timeout=60):
             time.sleep(0.1)
 
 
-def stop(proc):
+def stop(proc, timeout=10):
     proc.terminate()
     try:
-        proc.wait(10)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from helpers import QUICK, ROOT, free_port, run_train, train_losses
+from helpers import QUICK, ROOT, free_port, run_train, stop, train_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]  # -m slurm: this file alone (it needs root and the packages)
 STEPS = 12
@@ -83,12 +83,7 @@ def slurm(tmp_path_factory):
     finally:
         run(env, "scancel", f"--user={getpass.getuser()}", check=False)
         for p in reversed(daemons):
-            p.terminate()
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            stop(p, 15)
 
 
 def logs(d):
